@@ -1,0 +1,63 @@
+"""Dense displacement fields living on a grid."""
+
+from __future__ import annotations
+
+import torch
+
+from learnreg.core.grid import Grid
+from learnreg.spatial.base import SpatialTransform
+from learnreg.spatial.sampling import sample
+
+__all__ = ["DisplacementField"]
+
+
+class DisplacementField(SpatialTransform):
+    """``x ↦ x + u(x)``, with ``u`` sampled linearly from a field on ``grid``.
+
+    ``field`` is ``(N, D, *S)`` in voxel units of ``grid`` along its index axes (the
+    convention inside networks); outside the grid the displacement is zero, as in ITK.
+    """
+
+    def __init__(self, grid: Grid, field: torch.Tensor, learnable: bool = False) -> None:
+        super().__init__()
+        if field.dim() != grid.ndim + 2 or field.shape[1] != grid.ndim:
+            raise ValueError(
+                f"displacement field must be (N, {grid.ndim}, *{grid.shape}); got {tuple(field.shape)}"
+            )
+        if tuple(field.shape[2:]) != grid.shape:
+            raise ValueError(f"field shape {tuple(field.shape[2:])} != grid shape {grid.shape}")
+        self.grid = grid
+        self.ndim = grid.ndim
+        if learnable:
+            self.field = torch.nn.Parameter(field)
+        else:
+            self.register_buffer("field", field)
+
+    @classmethod
+    def zeros(cls, grid: Grid, batch: int = 1, learnable: bool = False) -> DisplacementField:
+        return cls(grid, torch.zeros(batch, grid.ndim, *grid.shape), learnable)
+
+    @classmethod
+    def from_world(cls, grid: Grid, world_field: torch.Tensor) -> DisplacementField:
+        """From a displacement in world mm, channels-first ``(N, D, *S)``."""
+        vox = grid.world_vectors_to_index(world_field.movedim(1, -1)).movedim(-1, 1)
+        return cls(grid, vox.contiguous())
+
+    def voxel_field(self) -> torch.Tensor:
+        """The displacement in voxel units of :attr:`grid`, ``(N, D, *S)``."""
+        return self.field
+
+    def world_field(self) -> torch.Tensor:
+        """The displacement in world mm on :attr:`grid`, ``(N, D, *S)``."""
+        f = self.voxel_field()
+        return self.grid.index_vectors_to_world(f.movedim(1, -1)).movedim(-1, 1)
+
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        f = self.world_field()
+        if points.shape[0] != f.shape[0] and f.shape[0] == 1:
+            f = f.expand(points.shape[0], *f.shape[1:])
+        flat = points.reshape(points.shape[0], -1, *([1] * (self.ndim - 1)), self.ndim)
+        coords = self.grid.world_to_grid_sample(flat)
+        u = sample(f, coords.to(f.dtype), "linear", "zeros")  # (N, D, P, 1[, 1])
+        u = u.reshape(f.shape[0], self.ndim, -1).transpose(1, 2).reshape(points.shape)
+        return points + u.to(points.dtype)
