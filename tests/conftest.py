@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-DATA = Path(os.environ.get("LEARNREG_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+DATA = Path(
+    os.environ.get("LEARNREG_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
+)
 
 
 @pytest.fixture(scope="session")

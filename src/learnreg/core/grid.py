@@ -100,7 +100,9 @@ class Grid:
             raise ValueError(f"affine has a zero-length axis: {a.tolist()}")
         direction = lin / spacing
         if not np.allclose(direction.T @ direction, np.eye(d), atol=1e-3):
-            raise ValueError("affine has shear; only rotation, scaling and translation are supported")
+            raise ValueError(
+                "affine has shear; only rotation, scaling and translation are supported"
+            )
         # re-orthonormalize small rounding noise (nearest orthonormal matrix)
         u, _, vt = np.linalg.svd(direction)
         direction = u @ vt

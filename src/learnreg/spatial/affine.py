@@ -26,7 +26,9 @@ class AffineTransform(SpatialTransform):
             m = m.unsqueeze(0)
         d = m.shape[-1] - 1
         if d not in (2, 3) or m.shape[-2] not in (d, d + 1):
-            raise ValueError(f"affine matrix must be (N, D+1, D+1) with D in 2, 3; got {tuple(m.shape)}")
+            raise ValueError(
+                f"affine matrix must be (N, D+1, D+1) with D in 2, 3; got {tuple(m.shape)}"
+            )
         if m.shape[-2] == d:
             m = homogeneous(m)
         self.ndim = d

@@ -1,0 +1,72 @@
+"""Finite differences of dense fields, and Jacobian determinants in physical units."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["spatial_gradient", "jacobian_matrix", "jacobian_determinant"]
+
+
+def spatial_gradient(
+    field: torch.Tensor, spacing: Sequence[float] | None = None, mode: str = "central"
+) -> torch.Tensor:
+    """Derivatives of ``field (N, C, *S)`` along each index axis, ``(N, C, D, *S)``.
+
+    ``mode='central'`` uses central differences inside and one-sided ones at the border
+    (same shape as the input); ``'forward'`` uses forward differences with the last slice
+    repeated. Divided by ``spacing`` (per index axis) when given.
+    """
+    if mode not in ("central", "forward"):
+        raise ValueError(f"mode must be 'central' or 'forward', got {mode!r}")
+    d = field.dim() - 2
+    if d not in (2, 3):
+        raise ValueError(
+            f"field must be (N, C, *S) with 2 or 3 spatial dims, got {tuple(field.shape)}"
+        )
+    spacing = [1.0] * d if spacing is None else [float(s) for s in spacing]
+    grads = []
+    for axis in range(d):
+        dim = axis + 2
+        n = field.shape[dim]
+        if n < 2:
+            grads.append(torch.zeros_like(field))
+            continue
+        if mode == "forward":
+            g = torch.diff(field, dim=dim)
+            g = torch.cat([g, g.narrow(dim, n - 2, 1)], dim=dim)
+        else:
+            g = torch.gradient(field, dim=dim)[0]
+        grads.append(g / spacing[axis])
+    return torch.stack(grads, dim=2)
+
+
+def jacobian_matrix(
+    displacement: torch.Tensor, spacing: Sequence[float] | None = None
+) -> torch.Tensor:
+    """Jacobian ``I + ∇u`` of ``x ↦ x + u(x)``, ``(N, D, D, *S)``; row = component.
+
+    ``displacement`` is ``(N, D, *S)`` in voxel units of its grid (index axes), or in the same
+    physical units as ``spacing`` when ``spacing`` is given (then ``u`` is in mm along index
+    axes and derivatives are per mm).
+    """
+    d = displacement.shape[1]
+    if displacement.dim() != d + 2:
+        raise ValueError(f"displacement must be (N, D, *S) with D = {d} spatial dims")
+    grad = spatial_gradient(displacement, spacing)
+    eye = torch.eye(d, dtype=grad.dtype, device=grad.device).view(1, d, d, *([1] * d))
+    return grad + eye
+
+
+def jacobian_determinant(
+    displacement: torch.Tensor, spacing: Sequence[float] | None = None
+) -> torch.Tensor:
+    """Determinant of the Jacobian of ``x ↦ x + u(x)``, ``(N, *S)``.
+
+    With ``u`` in voxel units (no ``spacing``) this equals the determinant in physical units
+    on any grid: the physical Jacobian ``I + R S (∂u/∂i) S⁻¹ Rᵀ`` is similar to
+    ``I + ∂u/∂i``. Pass ``spacing`` when ``u`` is in mm along the index axes.
+    """
+    j = jacobian_matrix(displacement, spacing)
+    return torch.linalg.det(j.movedim(1, -1).movedim(1, -1))
