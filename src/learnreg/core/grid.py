@@ -133,16 +133,17 @@ class Grid:
 
     @property
     def index_to_normalized(self) -> np.ndarray:
-        """Homogeneous matrix from index to normalized (align_corners=True) coordinates."""
+        """Homogeneous matrix from index to normalized (align_corners=True) coordinates.
+
+        An axis of size 1 keeps its index as coordinate (0 on the slice); the sampler uses
+        it to fade to the padding value off the slice, which grid_sample alone cannot do.
+        """
         d = self.ndim
         m = np.eye(d + 1)
         for a, s in enumerate(self.shape):
             if s > 1:
                 m[a, a] = 2.0 / (s - 1)
                 m[a, d] = -1.0
-            else:
-                m[a, a] = 0.0
-                m[a, d] = 0.0
         return m
 
     @property

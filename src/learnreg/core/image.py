@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from learnreg.core.errors import InputError
 from learnreg.core.grid import Grid
 
 __all__ = ["Image"]
@@ -53,13 +54,13 @@ class Image:
         return Image(self.data.to(*args, **kwargs), self.grid, self.name)
 
     def validate_intensities(self) -> Image:
-        """Raise a clear error for NaN/inf, empty or constant images; return self."""
+        """Raise :class:`InputError` for NaN/inf, empty or constant images; return self."""
         d = self.data
         if d.numel() == 0:
-            raise ValueError(f"{self.name}: image is empty")
+            raise InputError(f"{self.name}: image is empty")
         if not torch.isfinite(d).all():
             n = int((~torch.isfinite(d)).sum())
-            raise ValueError(f"{self.name}: image contains {n} NaN or infinite values")
+            raise InputError(f"{self.name}: image contains {n} NaN or infinite values")
         if float(d.max()) == float(d.min()):
-            raise ValueError(f"{self.name}: image is constant (all values = {float(d.min()):g})")
+            raise InputError(f"{self.name}: image is constant (all values = {float(d.min()):g})")
         return self

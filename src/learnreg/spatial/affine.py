@@ -16,12 +16,15 @@ class AffineTransform(SpatialTransform):
 
     Args:
         matrix: ``(D+1, D+1)`` or ``(N, D+1, D+1)``; or ``(N, D, D+1)`` (last row implied).
+            A floating-point tensor keeps its dtype (and its graph); anything else is float32.
         learnable: make the matrix an ``nn.Parameter`` (classical optimization).
     """
 
     def __init__(self, matrix: torch.Tensor | np.ndarray, learnable: bool = False) -> None:
         super().__init__()
-        m = torch.as_tensor(matrix, dtype=torch.float32)
+        m = torch.as_tensor(matrix)
+        if not (isinstance(matrix, torch.Tensor) and m.is_floating_point()):
+            m = m.float()
         if m.dim() == 2:
             m = m.unsqueeze(0)
         d = m.shape[-1] - 1
@@ -32,10 +35,7 @@ class AffineTransform(SpatialTransform):
         if m.shape[-2] == d:
             m = homogeneous(m)
         self.ndim = d
-        if learnable:
-            self.matrix = torch.nn.Parameter(m)
-        else:
-            self.register_buffer("matrix", m)
+        self._register_tensor("matrix", m, learnable)
 
     @classmethod
     def identity(cls, ndim: int, batch: int = 1, learnable: bool = False) -> AffineTransform:
@@ -51,7 +51,9 @@ class AffineTransform(SpatialTransform):
         return apply_matrix(m, points)
 
     def inverse(self) -> AffineTransform:
-        return AffineTransform(torch.linalg.inv(self.homogeneous().detach().double()).float())
+        """Exact inverse (a plain :class:`AffineTransform`); differentiable, same dtype."""
+        m = self.homogeneous()
+        return AffineTransform(torch.linalg.inv(m.double()).to(m.dtype))
 
 
 def homogeneous(m: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,14 @@ class SpatialTransform(nn.Module):
         """``other ∘ self``: apply this transform to points first, then ``other``."""
         return TransformChain([self, other])
 
+    def _register_tensor(self, name: str, value: torch.Tensor, learnable: bool) -> None:
+        """Keep ``value`` as an optimized ``nn.Parameter`` or, when supplied (e.g. by a
+        network), as a buffer that stays in the autograd graph so gradients flow to it."""
+        if learnable:
+            setattr(self, name, nn.Parameter(value.detach().clone()))
+        else:
+            self.register_buffer(name, value)
+
     def _device(self) -> torch.device:
         for t in list(self.parameters()) + list(self.buffers()):
             return t.device

@@ -6,6 +6,7 @@ import torch
 
 from learnreg.core.grid import Grid
 from learnreg.spatial.base import SpatialTransform
+from learnreg.spatial.fields import compose_displacements, invert_displacement
 from learnreg.spatial.sampling import sample
 
 __all__ = ["DisplacementField"]
@@ -61,3 +62,23 @@ class DisplacementField(SpatialTransform):
         u = sample(f, coords.to(f.dtype), "linear", "zeros")  # (N, D, P, 1[, 1])
         u = u.reshape(f.shape[0], self.ndim, -1).transpose(1, 2).reshape(points.shape)
         return points + u.to(points.dtype)
+
+    def inverse(self, iterations: int = 50, tolerance: float = 1e-3) -> DisplacementField:
+        """Iterative inverse on the same grid (see :func:`invert_displacement`).
+
+        The field is extended by its border values while inverting, so the inverse is
+        accurate inside the grid; check :func:`invert_displacement`'s residual when it matters.
+        """
+        inv = invert_displacement(self.voxel_field(), iterations, tolerance, "border")
+        return DisplacementField(self.grid, inv.displacement)
+
+    def compose(self, other: DisplacementField) -> DisplacementField:
+        """``self ∘ other`` as one field: ``x ↦ self(other(x))``, ``other`` applied first.
+
+        Both must live on the same grid; equals ``other.then(self)`` at the grid points
+        (zero displacement outside the grid, as in :meth:`forward`).
+        """
+        if not self.grid.allclose(other.grid):
+            raise ValueError(f"compose: grids differ ({self.grid} vs {other.grid})")
+        w = compose_displacements(self.voxel_field(), other.voxel_field(), "zeros")
+        return DisplacementField(self.grid, w)

@@ -58,14 +58,28 @@ def sample(
         return _sample_labels(image, coords, padding)
     coords = coords.to(image.dtype) if image.is_floating_point() else coords
     src = image if image.is_floating_point() else image.float()
-    out = F.grid_sample(
-        src,
-        coords.to(src.dtype),
-        mode="bilinear" if mode == "linear" else "nearest",
-        padding_mode=padding,
-        align_corners=True,
+    out = _grid_sample(
+        src, coords.to(src.dtype), "bilinear" if mode == "linear" else "nearest", padding
     )
     return out if image.is_floating_point() else out.round().to(image.dtype)
+
+
+def _grid_sample(src: torch.Tensor, coords: torch.Tensor, mode: str, padding: str) -> torch.Tensor:
+    """``F.grid_sample`` (align_corners=True) that also respects axes of size 1.
+
+    grid_sample maps every coordinate of a size-1 axis onto its only slice; with zero
+    padding we fade to zero off the slice instead (linear: ``1 - |i|``, nearest: ``|i| ≤ ½``).
+    """
+    out = F.grid_sample(src, coords, mode=mode, padding_mode=padding, align_corners=True)
+    d = src.dim() - 2
+    if padding != "zeros" or all(s > 1 for s in src.shape[2:]):
+        return out
+    for axis, size in enumerate(src.shape[2:]):
+        if size == 1:
+            off = coords[..., d - 1 - axis].abs().unsqueeze(1)
+            w = (1 - off).clamp(min=0) if mode == "bilinear" else (off <= 0.5).to(out.dtype)
+            out = out * w.to(out.dtype)
+    return out
 
 
 def _sample_labels(labels: torch.Tensor, coords: torch.Tensor, padding: str) -> torch.Tensor:
@@ -75,13 +89,13 @@ def _sample_labels(labels: torch.Tensor, coords: torch.Tensor, padding: str) -> 
     values = torch.unique(labels)
     coords = coords.float()
     ones = torch.ones_like(labels[:, :1], dtype=torch.float32)
-    inside = F.grid_sample(ones, coords, "bilinear", padding, align_corners=True)
+    inside = _grid_sample(ones, coords, "bilinear", padding)
     # outside the moving image is background (0) with the weight that lies outside
     best = 1.0 - inside
     out = torch.zeros(best.shape, dtype=labels.dtype, device=labels.device)
     for v in values:
         onehot = (labels == v).float()
-        p = F.grid_sample(onehot, coords, mode="bilinear", padding_mode=padding, align_corners=True)
+        p = _grid_sample(onehot, coords, "bilinear", padding)
         if v == 0:
             p = p + best
         take = p > best

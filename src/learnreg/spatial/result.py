@@ -1,0 +1,98 @@
+"""A registration result: the fixed grid and the transform chain, usable in both directions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from learnreg.core.grid import Grid
+from learnreg.core.image import Image
+from learnreg.spatial.affine import AffineTransform
+from learnreg.spatial.base import SpatialTransform, TransformChain
+from learnreg.spatial.differential import jacobian_determinant
+from learnreg.spatial.displacement import DisplacementField
+from learnreg.spatial.sampling import Interpolation, resample
+
+__all__ = ["RegistrationResult"]
+
+
+@dataclass
+class RegistrationResult:
+    """``x_moving = affine(x + u(x))`` for ``x`` in the fixed image's world space (ANTs' order).
+
+    Attributes:
+        fixed_grid, moving_grid: the grids of the registered pair.
+        affine: world-to-world linear part (identity when ``None``).
+        deformable: displacement on the fixed grid (voxel units), applied before the affine.
+        inverse_deformable: its inverse on the fixed grid (``y ↦ y + w(y)`` undoes ``u``).
+        info: what produced it (method, config, timings, ...), saved with the result.
+    """
+
+    fixed_grid: Grid
+    moving_grid: Grid
+    affine: AffineTransform | None = None
+    deformable: DisplacementField | None = None
+    inverse_deformable: DisplacementField | None = None
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.fixed_grid.ndim != self.moving_grid.ndim:
+            raise ValueError("fixed and moving grids differ in dimensionality")
+        for f in (self.deformable, self.inverse_deformable):
+            if f is not None and not f.grid.allclose(self.fixed_grid):
+                raise ValueError("deformable fields must live on the fixed grid")
+
+    @property
+    def ndim(self) -> int:
+        return self.fixed_grid.ndim
+
+    def _affine(self) -> AffineTransform:
+        return self.affine if self.affine is not None else AffineTransform.identity(self.ndim)
+
+    def transform(self) -> SpatialTransform:
+        """Fixed-space world points to moving-space world points."""
+        parts: list[SpatialTransform] = [self._affine()]
+        if self.deformable is not None:
+            parts.insert(0, self.deformable)
+        return TransformChain(parts)
+
+    def inverse_transform(self) -> SpatialTransform:
+        """Moving-space world points to fixed-space world points."""
+        if self.deformable is not None and self.inverse_deformable is None:
+            raise ValueError("this result has no inverse deformable field")
+        parts: list[SpatialTransform] = [self._affine().inverse()]
+        if self.inverse_deformable is not None:
+            parts.append(self.inverse_deformable)
+        return TransformChain(parts)
+
+    @torch.no_grad()
+    def warp(self, moving: Image, mode: Interpolation = "linear") -> Image:
+        """Resample a moving-space image onto the fixed grid."""
+        self._check(moving)
+        return resample(moving, self.fixed_grid, self.transform(), mode)
+
+    @torch.no_grad()
+    def warp_inverse(self, fixed: Image, mode: Interpolation = "linear") -> Image:
+        """Resample a fixed-space image onto the moving grid."""
+        self._check(fixed)
+        return resample(fixed, self.moving_grid, self.inverse_transform(), mode)
+
+    @torch.no_grad()
+    def map_points(self, points: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """Map world points ``(P, D)``: fixed→moving, or moving→fixed with ``inverse``."""
+        t = self.inverse_transform() if inverse else self.transform()
+        return t(points.float().unsqueeze(0))[0]
+
+    @torch.no_grad()
+    def jacobian_determinant(self) -> torch.Tensor:
+        """det of the Jacobian of ``x ↦ x + u(x)`` on the fixed grid, ``(*S)`` (1 without u)."""
+        if self.deformable is None:
+            return torch.ones(self.fixed_grid.shape)
+        return jacobian_determinant(self.deformable.voxel_field())[0]
+
+    def _check(self, image: Image) -> None:
+        if image.ndim != self.ndim:
+            raise ValueError(
+                f"{image.name}: a {image.ndim}D image cannot be warped by a {self.ndim}D registration"
+            )

@@ -1,0 +1,73 @@
+"""Stationary velocity fields, exponentiated by scaling and squaring (diffeomorphic)."""
+
+from __future__ import annotations
+
+import torch
+
+from learnreg.core.grid import Grid
+from learnreg.spatial.base import SpatialTransform
+from learnreg.spatial.displacement import DisplacementField
+from learnreg.spatial.fields import check_field, compose_displacements
+from learnreg.spatial.sampling import Padding
+
+__all__ = ["StationaryVelocityField", "integrate_velocity"]
+
+
+def integrate_velocity(
+    velocity: torch.Tensor, steps: int = 7, padding: Padding = "border"
+) -> torch.Tensor:
+    """Displacement ``exp(v) - id`` of a stationary velocity ``(N, D, *S)`` (voxel units).
+
+    Scaling and squaring: ``u = v / 2**steps``, then ``steps`` times ``u ← u + u∘(id + u)``.
+    The field is extended by its border values outside the grid (``padding``).
+    """
+    check_field(velocity, "velocity")
+    if steps < 0:
+        raise ValueError(f"integrate_velocity: steps must be >= 0, got {steps}")
+    u = velocity / 2**steps
+    for _ in range(steps):
+        u = compose_displacements(u, u, padding)
+    return u
+
+
+class StationaryVelocityField(SpatialTransform):
+    """``exp(v)`` for a velocity ``v (N, D, *S)`` in voxel units of ``grid``.
+
+    Points map through the exponentiated displacement (zero outside the grid, like
+    :class:`DisplacementField`); :meth:`inverse` is ``exp(-v)``.
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        velocity: torch.Tensor | None = None,
+        steps: int = 7,
+        learnable: bool = False,
+        batch: int = 1,
+    ) -> None:
+        super().__init__()
+        if velocity is None:
+            velocity = torch.zeros(batch, grid.ndim, *grid.shape)
+        check_field(velocity, "velocity")
+        if velocity.shape[1] != grid.ndim or tuple(velocity.shape[2:]) != grid.shape:
+            raise ValueError(
+                f"velocity must be (N, {grid.ndim}, *{grid.shape}); got {tuple(velocity.shape)}"
+            )
+        self.grid = grid
+        self.ndim = grid.ndim
+        self.steps = int(steps)
+        self._register_tensor("velocity", velocity, learnable)
+
+    def exp(self) -> torch.Tensor:
+        """The displacement ``exp(v) - id`` in voxel units of :attr:`grid`, ``(N, D, *S)``."""
+        return integrate_velocity(self.velocity, self.steps)
+
+    def displacement_field(self) -> DisplacementField:
+        return DisplacementField(self.grid, self.exp())
+
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        return self.displacement_field()(points)
+
+    def inverse(self) -> StationaryVelocityField:
+        """``exp(-v)``: exact up to the integration error."""
+        return StationaryVelocityField(self.grid, -self.velocity, self.steps)
