@@ -1,66 +1,84 @@
-"""Separable smoothing filters on (N, C, *S) tensors (differentiable)."""
+"""Separable filters on (N, C, *S) tensors (differentiable), as banded matrix products.
+
+Filtering along one axis is a product with an ``n × n`` banded matrix: it runs on BLAS,
+which on CPU is several times faster than ``conv3d`` with 1D kernels, and it handles the
+border (zero or replicate padding) inside the matrix.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 
-__all__ = ["gaussian_kernel1d", "gaussian_blur", "separable_filter"]
+__all__ = ["gaussian_kernel1d", "gaussian_blur", "separable_filter", "PADDINGS"]
+
+PADDINGS = ("zeros", "replicate")
 
 
-def gaussian_kernel1d(
-    sigma: float, truncate: float = 3.0, dtype: torch.dtype = torch.float32, device=None
-) -> torch.Tensor:
+def gaussian_kernel1d(sigma: float, truncate: float = 3.0) -> tuple[float, ...]:
     """Normalized 1D Gaussian of standard deviation ``sigma`` (voxels), radius ``truncate·σ``."""
     if sigma <= 0:
-        return torch.ones(1, dtype=dtype, device=device)
+        return (1.0,)
     radius = max(1, int(math.ceil(truncate * sigma)))
-    x = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
     k = torch.exp(-0.5 * (x / sigma) ** 2)
-    return k / k.sum()
+    return tuple((k / k.sum()).tolist())
+
+
+@lru_cache(maxsize=128)
+def _band_matrix(
+    n: int, kernel: tuple[float, ...], padding: str, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """``B[i, j]``: weight of input ``j`` in output ``i`` (correlation with ``kernel``)."""
+    r = len(kernel) // 2
+    k = torch.tensor(kernel, dtype=torch.float64)
+    band = torch.zeros(n, n, dtype=torch.float64)
+    i = torch.arange(n)
+    for t in range(-r, r + 1):
+        j = i + t
+        if padding == "replicate":
+            band.index_put_((i, j.clamp(0, n - 1)), k[t + r].expand(n), accumulate=True)
+        else:
+            ok = (j >= 0) & (j < n)
+            band[i[ok], j[ok]] += k[t + r]
+    return band.to(dtype=dtype, device=device)
 
 
 def separable_filter(
-    x: torch.Tensor, kernels: Sequence[torch.Tensor], padding: str = "replicate"
+    x: torch.Tensor, kernels: Sequence[Sequence[float]], padding: str = "replicate"
 ) -> torch.Tensor:
-    """Filter ``x (N, C, *S)`` with one odd-length 1D kernel per spatial axis (channel-wise).
-
-    ``padding``: ``"replicate"``, ``"reflect"`` or ``"zeros"``; output has the input's shape.
-    """
+    """Filter ``x (N, C, *S)`` with one odd 1D kernel per spatial axis; same-size output."""
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
     d = x.dim() - 2
     if len(kernels) != d:
-        raise ValueError(f"separable_filter: need {d} kernels, got {len(kernels)}")
-    conv = F.conv2d if d == 2 else F.conv3d
-    c = x.shape[1]
-    for axis, k in enumerate(kernels):
-        if k.numel() == 1:
-            x = x * k.to(x)
+        raise ValueError(f"separable_filter: need {d} kernels for input {tuple(x.shape)}")
+    shape = x.shape
+    out = x
+    for axis, kern in enumerate(kernels):
+        kern = tuple(float(v) for v in kern)
+        if len(kern) % 2 == 0:
+            raise ValueError(f"kernels must have odd length, got {len(kern)}")
+        if len(kern) == 1:
+            out = out * kern[0] if kern[0] != 1.0 else out
             continue
-        r = k.numel() // 2
-        shape = [1] * d
-        shape[axis] = k.numel()
-        w = k.to(x).view(1, 1, *shape).expand(c, 1, *shape)
-        pad = [0, 0] * d
-        pad[2 * (d - 1 - axis)] = pad[2 * (d - 1 - axis) + 1] = r
-        if padding == "zeros":
-            x = F.pad(x, pad)
+        n = shape[axis + 2]
+        m = _band_matrix(n, kern, padding, x.dtype, x.device)
+        if axis == d - 1:
+            out = out @ m.mT
         else:
-            if x.shape[axis + 2] <= r and padding == "reflect":
-                raise ValueError(f"reflect padding needs more than {r} voxels along axis {axis}")
-            x = F.pad(x, pad, mode=padding)
-        x = conv(x, w, groups=c)
-    return x
+            lead, rest = math.prod(shape[: axis + 2]), math.prod(shape[axis + 3 :])
+            out = (m @ out.reshape(lead, n, rest)).reshape(shape)
+    return out
 
 
 def gaussian_blur(
     x: torch.Tensor, sigma: float | Sequence[float], truncate: float = 3.0
 ) -> torch.Tensor:
-    """Gaussian smoothing of ``x (N, C, *S)``; ``sigma`` in voxels, scalar or per axis."""
+    """Gaussian smoothing of ``x (N, C, *S)`` (replicate border); ``sigma`` in voxels."""
     d = x.dim() - 2
     sig = [float(sigma)] * d if isinstance(sigma, int | float) else [float(s) for s in sigma]
-    return separable_filter(
-        x, [gaussian_kernel1d(s, truncate, x.dtype, x.device) for s in sig], "replicate"
-    )
+    return separable_filter(x, [gaussian_kernel1d(s, truncate) for s in sig], "replicate")

@@ -1,0 +1,5 @@
+"""``python -m learnreg`` runs the command line."""
+
+from learnreg.cli.main import main
+
+main()

@@ -1,0 +1,109 @@
+"""The ``learnreg`` command line: register, apply, demo."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from learnreg.core.errors import InputError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Learn and optimize spatial transformations between images, in physical space.",
+)
+err = Console(stderr=True)
+
+
+def main() -> None:
+    """Console entry point: one clear error line and exit code 2 for bad input."""
+    try:
+        app(standalone_mode=False)
+    except InputError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except (typer.Exit, SystemExit) as e:
+        code = getattr(e, "exit_code", getattr(e, "code", 0))
+        sys.exit(code or 0)
+    except typer.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    except Exception as e:  # click usage errors and friends carry their own message
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+@app.command()
+def register(
+    fixed: Annotated[Path, typer.Argument(help="Fixed (reference) image.")],
+    moving: Annotated[Path, typer.Argument(help="Moving image, warped onto the fixed grid.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")],
+    preset: Annotated[
+        str, typer.Option(help="Classical preset: default, multimodal, affine, rigid.")
+    ] = "default",
+    config: Annotated[
+        Path | None, typer.Option(help="YAML file of a ClassicalConfig (overrides --preset).")
+    ] = None,
+    fixed_labels: Annotated[
+        Path | None, typer.Option(help="Label map of the fixed image (for Dice in metrics).")
+    ] = None,
+    moving_labels: Annotated[
+        Path | None, typer.Option(help="Label map of the moving image (warped and scored).")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+) -> None:
+    """Register MOVING to FIXED; write the warped image, ITK/ANTs transforms, QC and metrics."""
+    from learnreg.cli.register import run_register
+
+    run_register(fixed, moving, output, preset, config, fixed_labels, moving_labels, quiet)
+
+
+@app.command()
+def apply(
+    result: Annotated[Path, typer.Argument(help="Result folder written by `learnreg register`.")],
+    inputs: Annotated[
+        list[Path], typer.Argument(help="Images, label maps (--labels) or point CSVs (.csv).")
+    ],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")],
+    inverse: Annotated[
+        bool,
+        typer.Option(help="Map fixed-space inputs into moving space (default: moving → fixed)."),
+    ] = False,
+    labels: Annotated[
+        bool, typer.Option(help="Inputs are label maps: label-safe (one-hot) interpolation.")
+    ] = False,
+    points_space: Annotated[
+        str, typer.Option(help="Coordinate system of point CSVs: RAS or LPS (ANTs).")
+    ] = "RAS",
+) -> None:
+    """Warp images, label maps and point sets with a saved result, in either direction.
+
+    Default direction brings moving-space data into fixed space; ``--inverse`` the reverse.
+    """
+    from learnreg.cli.apply import run_apply
+
+    run_apply(result, inputs, output, inverse, labels, points_space)
+
+
+@app.command()
+def demo(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")] = Path(
+        "learnreg-demo"
+    ),
+) -> None:
+    """Fetch real anatomy (MNI152 from the nilearn wheel), deform it, and register it back."""
+    from learnreg.cli.demo import run_demo
+
+    run_demo(output)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

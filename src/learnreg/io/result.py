@@ -1,0 +1,113 @@
+"""Save and load a registration result as a folder of ITK/ANTs-compatible files.
+
+Layout of a result folder::
+
+    affine.mat            fixed→moving affine (ITK, LPS), the ANTs ``0GenericAffine.mat``
+    affine_inverse.mat    its inverse
+    warp.nii.gz           displacement on the fixed grid (LPS mm), ANTs ``1Warp.nii.gz``
+    inverse_warp.nii.gz   its inverse on the fixed grid, ANTs ``1InverseWarp.nii.gz``
+    result.json           grids, file roles and the order to apply them
+
+Replay with ANTs: ``antsApplyTransforms -r fixed -i moving -t warp.nii.gz -t affine.mat``;
+the other way: ``-r moving -i fixed -t affine_inverse.mat -t inverse_warp.nii.gz``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from learnreg import __version__
+from learnreg.core.errors import InputError
+from learnreg.core.grid import Grid
+from learnreg.io.transforms import read_affine, read_displacement, write_affine, write_displacement
+from learnreg.spatial.result import RegistrationResult
+
+__all__ = ["save_result", "load_result", "staged_output", "write_json"]
+
+FILES = {
+    "affine": "affine.mat",
+    "affine_inverse": "affine_inverse.mat",
+    "warp": "warp.nii.gz",
+    "inverse_warp": "inverse_warp.nii.gz",
+}
+
+
+@contextmanager
+def staged_output(outdir: str | Path):
+    """Yield a staging folder; on success its files move into ``outdir``, else nothing does.
+
+    A run that fails or is killed leaves no half-written outputs in ``outdir``.
+    """
+    out = Path(outdir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=".learnreg-partial-", dir=out))
+    except OSError as e:
+        raise InputError(f"{out}: cannot write to the output folder ({e.strerror or e})") from None
+    try:
+        yield stage
+        for f in sorted(stage.iterdir()):
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def write_json(path: str | Path, obj: dict) -> None:
+    """Write JSON atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+def save_result(result: RegistrationResult, folder: str | Path) -> dict[str, str]:
+    """Write the transform files and ``result.json`` into ``folder``; returns role → file."""
+    folder = Path(folder)
+    files: dict[str, str] = {}
+    if result.affine is not None:
+        write_affine(folder / FILES["affine"], result.affine)
+        write_affine(folder / FILES["affine_inverse"], result.affine.inverse())
+        files["affine"], files["affine_inverse"] = FILES["affine"], FILES["affine_inverse"]
+    if result.deformable is not None:
+        write_displacement(folder / FILES["warp"], result.deformable)
+        files["warp"] = FILES["warp"]
+    if result.inverse_deformable is not None:
+        write_displacement(folder / FILES["inverse_warp"], result.inverse_deformable)
+        files["inverse_warp"] = FILES["inverse_warp"]
+    forward = [files[k] for k in ("warp", "affine") if k in files]
+    inverse = [files[k] for k in ("affine_inverse", "inverse_warp") if k in files]
+    manifest = {
+        "learnreg_version": __version__,
+        "convention": "points: fixed→moving, x_moving = affine(x + warp(x)); files in ITK/ANTs LPS",
+        "fixed_grid": result.fixed_grid.to_dict(),
+        "moving_grid": result.moving_grid.to_dict(),
+        "files": files,
+        "ants_forward_transforms": forward,
+        "ants_inverse_transforms": inverse,
+        "info": result.info,
+    }
+    write_json(folder / "result.json", manifest)
+    return files
+
+
+def load_result(folder: str | Path) -> RegistrationResult:
+    """Load a result folder written by :func:`save_result`."""
+    folder = Path(folder)
+    manifest_path = folder / "result.json"
+    if not manifest_path.is_file():
+        raise InputError(f"{folder}: not a learnreg result folder (no result.json)")
+    try:
+        m = json.loads(manifest_path.read_text())
+        files = m["files"]
+        fixed, moving = Grid.from_dict(m["fixed_grid"]), Grid.from_dict(m["moving_grid"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise InputError(f"{manifest_path}: unreadable result manifest ({e})") from None
+    affine = read_affine(folder / files["affine"]) if "affine" in files else None
+    fwd = read_displacement(folder / files["warp"]) if "warp" in files else None
+    inv = read_displacement(folder / files["inverse_warp"]) if "inverse_warp" in files else None
+    return RegistrationResult(fixed, moving, affine, fwd, inv, m.get("info", {}))

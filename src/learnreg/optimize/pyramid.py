@@ -1,0 +1,76 @@
+"""Multi-resolution pyramids of images in physical space."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from learnreg.core.image import Image
+from learnreg.spatial.filters import gaussian_blur
+
+__all__ = ["Pyramid", "downsample", "level_factor", "normalize_intensity"]
+
+
+MIN_LEVEL_SIZE = 16
+
+
+def level_factor(shape: tuple[int, ...], factor: float, min_size: int = MIN_LEVEL_SIZE) -> float:
+    """``factor`` reduced so the shortest axis keeps at least ``min_size`` voxels."""
+    return max(1.0, min(float(factor), (min(shape) - 1) / (min_size - 1)))
+
+
+def downsample(image: Image, factor: float) -> Image:
+    """Smooth (σ = factor/2 voxels) and resample to ``image.grid.downsampled(factor)``.
+
+    The factor is capped by :func:`level_factor` so small images keep a usable level. The
+    coarse grid keeps the first and last voxel centres, so coordinates carry over between
+    levels with ``align_corners=True`` interpolation.
+    """
+    return Pyramid(image).level(factor)
+
+
+class Pyramid:
+    """Gaussian pyramid of one image, levels computed on demand and cached.
+
+    A level is derived from the nearest finer cached level with only the missing blur
+    (Gaussians compose: σ² adds), so a coarse-to-fine schedule smooths each voxel once.
+    """
+
+    def __init__(self, image: Image) -> None:
+        self.image = image
+        self._levels: dict[float, Image] = {1.0: image}
+
+    def level(self, factor: float) -> Image:
+        factor = level_factor(self.image.grid.shape, factor)
+        if factor in self._levels:
+            return self._levels[factor]
+        base_factor = max(f for f in self._levels if f < factor)
+        base = self._levels[base_factor]
+        grid = self.image.grid.downsampled(factor)
+        # σ in full-resolution voxels is factor/2; what is missing, in the base's voxels:
+        sigma = [
+            math.sqrt(max((factor / 2) ** 2 - (base_factor / 2) ** 2 * (base_factor > 1), 0.0))
+            * full
+            / sp
+            for full, sp in zip(self.image.grid.spacing, base.grid.spacing, strict=True)
+        ]
+        x = gaussian_blur(base.batch().float(), sigma)
+        mode = "bilinear" if grid.ndim == 2 else "trilinear"
+        x = F.interpolate(x, size=grid.shape, mode=mode, align_corners=True)
+        self._levels[factor] = Image(x[0], grid, self.image.name)
+        return self._levels[factor]
+
+
+def normalize_intensity(image: Image, low: float = 0.001, high: float = 0.999) -> Image:
+    """Map the ``[low, high]`` intensity quantiles to [0, 1] and clip (robust to outliers)."""
+    x = image.data.float()
+    flat = x.flatten()
+    if flat.numel() > 2_000_000:  # torch.quantile has an input size limit; subsample evenly
+        flat = flat[:: flat.numel() // 2_000_000 + 1]
+    lo, hi = torch.quantile(flat, torch.tensor([low, high], dtype=flat.dtype))
+    if float(hi - lo) <= 0:
+        lo, hi = flat.min(), flat.max()
+    scale = float(hi - lo) if float(hi - lo) > 0 else 1.0
+    return image.with_data(((x - lo) / scale).clamp(0, 1))
