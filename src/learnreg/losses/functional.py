@@ -20,9 +20,7 @@ window size (it grows with the axis length instead), and the filter is its own a
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +29,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from learnreg.spatial.differential import jacobian_determinant, spatial_gradient
+from learnreg.spatial.filters import gaussian_kernel1d, separable_filter
 from learnreg.spatial.sampling import warp
 
 __all__ = [
@@ -165,36 +164,9 @@ def _kernel1d(window: int, kernel: str, sigma: float | None = None) -> tuple[flo
     return tuple((k / k.sum()).tolist())
 
 
-def _gaussian1d(sigma: float) -> tuple[float, ...]:
-    """Gaussian of ``sigma`` voxels truncated at 3 sigma (``(1.0,)`` for sigma 0)."""
-    return (1.0,) if sigma <= 0 else _kernel1d(2 * int(3 * sigma + 0.5) + 1, "gaussian", sigma)
-
-
-@lru_cache(maxsize=64)
-def _band_matrix(
-    n: int, kernel: tuple[float, ...], dtype: torch.dtype, device: torch.device
-) -> Tensor:
-    """``B[i, j] = kernel[j - i + r]``: correlation with zero padding along one axis."""
-    r = len(kernel) // 2
-    k = torch.tensor(kernel, dtype=torch.float64)
-    i = torch.arange(n)
-    off = i[None, :] - i[:, None]
-    band = torch.where(off.abs() <= r, k[(off + r).clamp(0, 2 * r)], 0.0)
-    return band.to(dtype=dtype, device=device)
-
-
 def _filter(x: Tensor, kernels: Sequence[tuple[float, ...]]) -> Tensor:
     """Separable zero-padded filter of ``x (N, C, *S)``, one odd symmetric kernel per axis."""
-    shape = x.shape
-    mats = [_band_matrix(n, k, x.dtype, x.device) for n, k in zip(shape[2:], kernels, strict=True)]
-    out = x @ mats[-1].mT if len(kernels[-1]) > 1 else x
-    for axis in range(len(mats) - 1):
-        if len(kernels[axis]) == 1:
-            continue
-        n = shape[axis + 2]
-        lead, rest = math.prod(shape[: axis + 2]), math.prod(shape[axis + 3 :])
-        out = (mats[axis] @ out.reshape(lead, n, rest)).reshape(shape)
-    return out
+    return separable_filter(x, kernels, "zeros")
 
 
 def _local_moments(f: Tensor, m: Tensor, kernels: Sequence[tuple[float, ...]]) -> list[Tensor]:
@@ -469,7 +441,7 @@ def multiscale_dice(
     both = torch.cat([fixed_labels, moving_labels], 1)
     losses = []
     for s in scales:
-        sm = _filter(both, (_gaussian1d(float(s)),) * (both.dim() - 2)) if s > 0 else both
+        sm = _filter(both, (gaussian_kernel1d(float(s)),) * (both.dim() - 2)) if s > 0 else both
         p, q = sm.split(fixed_labels.shape[1], 1)
         losses.append(dice(p, q, include_background, eps, reduction="none"))
     return _reduce(torch.stack(losses).mean(0), reduction)
