@@ -157,3 +157,24 @@ def test_bad_output_folder(pair, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     _bad(tmp_path, pair["fixed"], pair["moving"], "a_file", out=blocker / "sub")
+
+
+def test_console_script_prints_one_line_errors(tmp_path):
+    """The installed ``learnreg`` entry point (not only ``python -m``) handles bad input."""
+    script = Path(sys.executable).parent / "learnreg"
+    if not script.exists():
+        pytest.skip("console script not installed in this environment")
+    done = subprocess.run(
+        [
+            str(script),
+            "register",
+            str(tmp_path / "a.nii.gz"),
+            str(tmp_path / "b.nii.gz"),
+            "-o",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "a.nii.gz: file not found" in done.stderr

@@ -17,7 +17,7 @@ from learnreg.eval.metrics import jacobian_stats, mean_dice
 from learnreg.io.images import read_image, read_labels, write_image
 from learnreg.io.result import save_result, staged_output, write_json
 from learnreg.losses import functional as L
-from learnreg.optimize.classical import register
+from learnreg.optimize.classical import check_pair, register
 from learnreg.optimize.config import ClassicalConfig, preset
 from learnreg.spatial.result import RegistrationResult
 from learnreg.spatial.sampling import resample
@@ -42,6 +42,7 @@ def run_register(
     for lab, img in ((fixed_labels, fixed), (moving_labels, moving)):
         if lab is not None and not lab.grid.allclose(img.grid, atol=1e-3):
             raise InputError(f"{lab.name}: label map grid differs from its image {img.name}")
+    check_pair(fixed, moving)  # before anything is written
     with staged_output(output) as stage:
         t0 = time.perf_counter()
         with progress_display(quiet) as progress:

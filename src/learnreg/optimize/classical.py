@@ -28,7 +28,7 @@ from learnreg.spatial.result import RegistrationResult
 from learnreg.spatial.sampling import sample
 from learnreg.spatial.svf import integrate_velocity
 
-__all__ = ["register", "Progress"]
+__all__ = ["register", "check_pair", "Progress"]
 
 Progress = Callable[[str, int, int, float], None]
 """Callback ``(stage, iteration, total, loss)`` called after every iteration."""
@@ -50,7 +50,7 @@ def register(
         progress: optional callback for progress display.
     """
     cfg = preset(config) if isinstance(config, str) else config.validate()
-    _check_pair(fixed, moving)
+    check_pair(fixed, moving)
     t0 = time.perf_counter()
     with torch.enable_grad():
         f = Pyramid(normalize_intensity(fixed))
@@ -70,7 +70,8 @@ def register(
     return RegistrationResult(fixed.grid, moving.grid, affine, fwd, inv, info)
 
 
-def _check_pair(fixed: Image, moving: Image) -> None:
+def check_pair(fixed: Image, moving: Image) -> None:
+    """Raise :class:`InputError` unless the pair can be registered (same n-D, valid data)."""
     if fixed.ndim != moving.ndim:
         raise InputError(
             f"{moving.name} is {moving.ndim}D but {fixed.name} is {fixed.ndim}D: "

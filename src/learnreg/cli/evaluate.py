@@ -1,0 +1,210 @@
+"""``learnreg evaluate`` and ``learnreg benchmark``: score methods on pairs, write a report."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from learnreg.core.errors import InputError
+
+__all__ = ["register_command", "results_table", "run_evaluate", "run_benchmark"]
+
+
+def register_command(app: typer.Typer) -> None:
+    """Add ``evaluate`` and ``benchmark`` to a Typer app."""
+
+    @app.command()
+    def evaluate(
+        method: Annotated[
+            list[str],
+            typer.Option(
+                "--method",
+                "-m",
+                help="Method spec, repeatable: classical:PRESET, ants:TYPE, transforms:DIR; "
+                "LABEL=SPEC names it. Two or more give a paired comparison.",
+            ),
+        ],
+        output: Annotated[Path, typer.Option("-o", "--output", help="Report folder.")],
+        pairs: Annotated[
+            Path | None,
+            typer.Option(
+                help="CSV with columns fixed,moving[,fixed_labels,moving_labels,fixed_points,"
+                "moving_points][,name]; paths relative to the CSV."
+            ),
+        ] = None,
+        atlas: Annotated[Path | None, typer.Option(help="Fixed atlas image.")] = None,
+        atlas_labels: Annotated[Path | None, typer.Option(help="Atlas label map.")] = None,
+        moving_dir: Annotated[
+            Path | None, typer.Option(help="Folder of moving images (with --atlas).")
+        ] = None,
+        labels_dir: Annotated[
+            Path | None, typer.Option(help="Folder of moving label maps, same file names.")
+        ] = None,
+        pattern: Annotated[str, typer.Option(help="Moving image file pattern.")] = "*.nii.gz",
+        resume: Annotated[
+            bool, typer.Option("--resume/--no-resume", help="Reuse finished pairs' records.")
+        ] = True,
+        isolate: Annotated[
+            bool,
+            typer.Option(
+                "--isolate/--no-isolate",
+                help="One process per (method, pair): peak memory is its own.",
+            ),
+        ] = False,
+        quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    ) -> None:
+        """Evaluate registration methods on pairs: Dice, HD95, TRE, folding, ICE, time.
+
+        Writes per-pair records, QC figures and report.html into OUTPUT.
+        """
+        run_evaluate(
+            method, output, pairs, atlas, atlas_labels, moving_dir, labels_dir, pattern,
+            resume, isolate, quiet,
+        )  # fmt: skip
+
+    @app.command()
+    def benchmark(
+        suite: Annotated[str, typer.Argument(help="Suite name, e.g. lpba40-atlas.")],
+        output: Annotated[Path, typer.Option("-o", "--output", help="Report folder.")],
+        data: Annotated[
+            Path | None,
+            typer.Option(help="Data root (default $LEARNREG_DATA or ../shared/data)."),
+        ] = None,
+        subjects: Annotated[
+            list[str] | None,
+            typer.Option("--subjects", "-s", help="Moving subjects, repeatable (e.g. -s S35)."),
+        ] = None,
+        method: Annotated[
+            list[str] | None,
+            typer.Option("--method", "-m", help="Method spec, repeatable (default: suite's)."),
+        ] = None,
+        resume: Annotated[
+            bool, typer.Option("--resume/--no-resume", help="Reuse finished pairs' records.")
+        ] = True,
+        isolate: Annotated[
+            bool,
+            typer.Option(
+                "--isolate/--no-isolate",
+                help="One process per (method, pair): peak memory is its own.",
+            ),
+        ] = True,
+        quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    ) -> None:
+        """Run a named benchmark suite and write its report."""
+        run_benchmark(suite, output, data, subjects, method, resume, isolate, quiet)
+
+
+def _split(values: list[str] | None) -> list[str]:
+    """Allow both ``-s S35 -s S36`` and ``-s S35,S36``."""
+    out: list[str] = []
+    for v in values or []:
+        out += [x for x in (s.strip() for s in v.split(",")) if x]
+    return out
+
+
+def run_evaluate(
+    methods: list[str],
+    output: Path,
+    pairs_csv: Path | None,
+    atlas: Path | None,
+    atlas_labels: Path | None,
+    moving_dir: Path | None,
+    labels_dir: Path | None,
+    pattern: str = "*.nii.gz",
+    resume: bool = True,
+    isolate: bool = False,
+    quiet: bool = False,
+) -> list[dict]:
+    from learnreg.eval.evaluate import atlas_pairs, evaluate, pairs_from_csv
+
+    if pairs_csv is not None and (atlas is not None or moving_dir is not None):
+        raise InputError("give either --pairs CSV or --atlas/--moving-dir, not both")
+    if pairs_csv is not None:
+        pairs = pairs_from_csv(pairs_csv)
+    elif atlas is not None and moving_dir is not None:
+        pairs = atlas_pairs(atlas, atlas_labels, moving_dir, labels_dir, pattern)
+    elif atlas is not None or moving_dir is not None:
+        raise InputError("--atlas and --moving-dir go together")
+    else:
+        raise InputError("no pairs: give --pairs CSV or --atlas IMG --moving-dir DIR")
+    if not methods:
+        raise InputError("give at least one --method (e.g. classical:default)")
+    records = evaluate(methods, pairs, output, resume=resume, isolate=isolate, progress=not quiet)
+    _print_summary(records, output)
+    return records
+
+
+def run_benchmark(
+    suite_name: str,
+    output: Path,
+    data: Path | None = None,
+    subjects: list[str] | None = None,
+    methods: list[str] | None = None,
+    resume: bool = True,
+    isolate: bool = True,
+    quiet: bool = False,
+) -> list[dict]:
+    from learnreg.eval.evaluate import evaluate
+    from learnreg.eval.suites import get_suite
+
+    suite = get_suite(suite_name)
+    pairs = suite.pairs(data, _split(subjects) or None)
+    methods = list(methods or suite.default_methods())
+    records = evaluate(methods, pairs, output, resume=resume, isolate=isolate, progress=not quiet)
+    _print_summary(records, output, title=f"{suite.name}: {suite.description}")
+    return records
+
+
+def _fmt(s: dict, digits: int, scale: float = 1.0, ci: bool = False) -> str:
+    m = s["mean"]
+    if s["n"] == 0 or m is None or not math.isfinite(m):
+        return "–"
+    text = f"{m * scale:.{digits}f}"
+    if ci and math.isfinite(s["low"]) and math.isfinite(s["high"]):
+        text += f" [{s['low'] * scale:.{digits}f}, {s['high'] * scale:.{digits}f}]"
+    return text
+
+
+def results_table(records: list[dict], title: str | None = None) -> Table:
+    """Per method: pairs ok/failed, mean Dice [95% bootstrap CI], HD95, TRE, % folding,
+    SDlogJ, time, peak memory."""
+    from learnreg.eval.statistics import methods_in, summarize
+
+    summary = summarize(records, n_resamples=2000)
+    table = Table(title=title)
+    for col in (
+        "method", "pairs ok", "Dice [95% CI]", "HD95 mm", "TRE mm",
+        "% det J ≤ 0", "SDlogJ", "time s", "memory MB",
+    ):  # fmt: skip
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for method in methods_in(records):
+        rows = [r for r in records if r["method"] == method]
+        failed = sum(1 for r in rows if r.get("error"))
+        s = summary[method]
+        table.add_row(
+            method,
+            f"{len(rows) - failed}/{len(rows)}",
+            _fmt(s["dice_mean"], 3, ci=True),
+            _fmt(s["hd95_mean"], 2),
+            _fmt(s["tre_mean"], 2),
+            _fmt(s["folding_fraction"], 4, scale=100.0),
+            _fmt(s["sdlogj"], 3),
+            _fmt(s["seconds"], 1),
+            _fmt(s["peak_memory_mb"], 0),
+        )
+    return table
+
+
+def _print_summary(records: list[dict], output: Path, title: str | None = None) -> None:
+    console = Console()
+    console.print(results_table(records, title))
+    errors = [r for r in records if r.get("error")]
+    for r in errors:
+        console.print(f"[red]failed[/] {r['method']} · {r['pair']}: {r['error']}", highlight=False)
+    report = Path(output) / "report.html"
+    console.print(f"report: {report if report.exists() else Path(output)}", highlight=False)
