@@ -133,3 +133,20 @@ def test_bad_pairs_raise_input_error(data_root):
     nan[0, 3, 3] = float("nan")
     with pytest.raises(InputError, match="NaN"):
         register(Image(nan, img2d.grid, "nan.png"), img2d)
+
+
+def test_multimodal_preset_registers_inverted_contrast(data_root):
+    """MI-driven preset aligns a T1 slice to another subject's slice with inverted contrast."""
+    fixed = downsample(_slice(data_root / "ants2d/r16slice.jpg"), 2)
+    moving_t1 = downsample(_slice(data_root / "ants2d/r64slice.jpg"), 2)
+    tissue = lambda im: im.with_data(  # noqa: E731 - three intensity classes as labels
+        (im.data > 0.25).long() + (im.data > 0.55).long()
+    )
+    inverted = moving_t1.with_data(torch.where(moving_t1.data > 0.05, 1.1 - moving_t1.data, 0.0))
+    result = register(fixed, inverted, "multimodal")
+    fixed_lab, moving_lab = tissue(fixed).data[0], tissue(moving_t1)
+    affine = mean_dice(fixed_lab, resample(moving_lab, fixed.grid, result.affine, "label").data[0])
+    final = mean_dice(fixed_lab, result.warp(moving_lab, mode="label").data[0])
+    identity = mean_dice(fixed_lab, moving_lab.data[0])
+    assert final > affine + 0.03 and final > identity + 0.05, (identity, affine, final)
+    assert jacobian_stats(result.deformable.voxel_field())["folding_fraction"] == 0.0

@@ -61,7 +61,7 @@ def register(
             else _com_init(f.image, m.image)
         )
         for stage in cfg.linear:
-            matrix = _linear_stage(f, m, matrix, stage, cfg.mi_bins, progress)
+            matrix = _linear_stage(f, m, matrix, stage, cfg.mi_bins, cfg.mi_samples, progress)
         affine = AffineTransform(matrix)
         fwd = inv = None
         if cfg.deformable is not None:
@@ -87,14 +87,15 @@ def check_pair(fixed: Image, moving: Image) -> None:
 
 # ---------------------------------------------------------------------------- similarity
 def _similarity(
-    metric: str, window: int, bins: int
+    metric: str, window: int, bins: int, samples: int | None = None
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     if metric == "lncc":
         return lambda a, b: L.lncc(a, b, window=window)
     if metric == "ncc":
         return L.ncc
     if metric in ("mi", "nmi"):
-        return lambda a, b: L.mutual_information(a, b, bins=bins, normalized=metric == "nmi")
+        nmi = metric == "nmi"
+        return lambda a, b: L.mutual_information(a, b, bins=bins, normalized=nmi, samples=samples)
     return L.mse
 
 
@@ -132,13 +133,14 @@ def _linear_stage(
     matrix: torch.Tensor,
     stage: LinearStage,
     bins: int,
+    samples: int | None,
     progress: Progress | None,
 ) -> torch.Tensor:
     frame = _normalizing_frame(fixed.image.grid, _com(fixed.image))
     frame_inv = torch.linalg.inv(frame)
     delta = create_transform(stage.model, ndim=fixed.image.ndim, learnable=True)
     opt = torch.optim.Adam(delta.parameters(), lr=stage.learning_rate)
-    sim = _similarity(stage.metric, 0, bins)
+    sim = _similarity(stage.metric, 0, bins, samples)
 
     def total() -> torch.Tensor:
         d = delta.homogeneous()[0].double()

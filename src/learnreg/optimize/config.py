@@ -53,6 +53,8 @@ class ClassicalConfig:
     )
     deformable: DeformableStage | None = field(default_factory=DeformableStage)
     mi_bins: int = 32
+    mi_samples: int | None = 32768
+    """Random voxels per MI evaluation in linear stages (None: all); deformable uses all."""
 
     def validate(self) -> ClassicalConfig:
         stages: list[Any] = list(self.linear) + ([self.deformable] if self.deformable else [])
@@ -92,6 +94,7 @@ class ClassicalConfig:
             linear=lin,
             deformable=_stage(DeformableStage, deform) if deform else None,
             mi_bins=int(d.get("mi_bins", 32)),
+            mi_samples=d.get("mi_samples", 32768),
         ).validate()
 
 
