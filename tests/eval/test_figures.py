@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import matplotlib.image as mpimg
 import numpy as np
 import pytest
@@ -122,7 +124,10 @@ def test_qc_figure_written_atomically(tmp_path, monkeypatch):
     path.write_bytes(b"previous figure")
 
     def broken_savefig(self, fname, **kwargs):
-        fname.write(b"\x89PNG partial")
+        if hasattr(fname, "write"):
+            fname.write(b"\x89PNG partial")
+        else:
+            Path(fname).write_bytes(b"\x89PNG partial")
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(Figure, "savefig", broken_savefig)

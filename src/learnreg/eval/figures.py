@@ -7,9 +7,7 @@ up); without it the index axes are assumed to point R, A, S already.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 from scipy import ndimage
 
+from learnreg.core.files import atomic_write
 from learnreg.core.grid import Grid
 from learnreg.spatial.differential import jacobian_determinant
 
@@ -82,20 +81,13 @@ def deformation_grid_lines(displacement_2d: np.ndarray, step: int) -> list[np.nd
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
-    """Write ``fig`` atomically: a temporary file in the same folder, then ``os.replace``."""
+    """Write ``fig`` atomically (see :func:`learnreg.core.files.atomic_write`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fmt = path.suffix[1:].lower() or "png"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            FigureCanvasAgg(fig)
-            fig.savefig(fh, format=fmt, dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as tmp:
+        FigureCanvasAgg(fig)
+        fig.savefig(tmp, format=fmt, dpi=dpi)
     return path
 
 

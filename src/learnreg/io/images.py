@@ -20,19 +20,16 @@ beside the target and moved into place with :func:`os.replace`.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from learnreg.core.errors import InputError
+from learnreg.core.files import atomic_write
 from learnreg.core.grid import Grid
 from learnreg.core.image import Image
 
@@ -72,33 +69,6 @@ def _lps_flip(ndim: int) -> np.ndarray:
     f = np.ones(ndim)
     f[:2] = -1.0
     return np.diag(f)
-
-
-@contextlib.contextmanager
-def atomic_write(path: PathLike) -> Iterator[Path]:
-    """Yield a temporary path to write ``path`` to; move it (and siblings) into place on success.
-
-    The temporary file has the same name as ``path`` inside a fresh hidden folder in the same
-    directory, so writers that pick a format from the extension, or write companion files (a
-    MetaImage ``.mhd`` and its ``.raw``), work unchanged; every file written there is moved
-    next to ``path`` with :func:`os.replace` (atomic on one filesystem).
-    """
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise InputError(f"{path}: cannot write, folder {parent} does not exist")
-    try:
-        tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
-    except OSError as e:
-        raise InputError(f"{path}: cannot write to folder {parent} ({e.strerror or e})") from None
-    try:
-        yield tmpdir / path.name
-        for f in sorted(tmpdir.iterdir()):
-            os.replace(f, parent / f.name)
-    except OSError as e:
-        raise InputError(f"{path}: cannot write ({e.strerror or e})") from None
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def _check_readable(path: Path) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from learnreg import __version__
 from learnreg.core.errors import InputError
+from learnreg.core.files import atomic_write
 from learnreg.core.grid import Grid
 from learnreg.io.transforms import read_affine, read_displacement, write_affine, write_displacement
 from learnreg.spatial.result import RegistrationResult
@@ -59,10 +60,8 @@ def staged_output(outdir: str | Path):
 
 def write_json(path: str | Path, obj: dict) -> None:
     """Write JSON atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=float))
 
 
 def save_result(result: RegistrationResult, folder: str | Path) -> dict[str, str]:
