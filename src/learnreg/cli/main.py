@@ -1,4 +1,4 @@
-"""The ``learnreg`` command line: register, apply, demo."""
+"""The ``learnreg`` command line: register, apply, demo, methods, train."""
 
 from __future__ import annotations
 
@@ -103,6 +103,17 @@ def demo(
     from learnreg.cli.demo import run_demo
 
     run_demo(output)
+
+
+def _register_commands() -> None:
+    """Commands that live in their own modules register themselves on the app."""
+    from learnreg.cli import methods, train
+
+    for module in (methods, train):
+        module.register_command(app)
+
+
+_register_commands()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,76 @@
+"""``learnreg train CONFIG.yaml [--set key=value ...] [--resume] [-o OUTDIR]``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+__all__ = ["register_command", "run_training"]
+
+
+def run_training(
+    config_path: Path,
+    overrides: list[str] | None = None,
+    resume: bool = False,
+    output: Path | None = None,
+) -> dict:
+    """Build the method and data of a YAML config and train (the ``train`` command's body)."""
+    import torch
+
+    from learnreg.methods.registry import create_method
+    from learnreg.train.config import TrainConfig
+    from learnreg.train.trainer import Trainer, build_datasets
+
+    cfg = TrainConfig.from_yaml(config_path, overrides or [])
+    if output is not None:
+        cfg.output = str(output)
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank and every run
+    try:
+        method = create_method(cfg.method, **cfg.method_config)
+    except (TypeError, ValueError) as e:
+        from learnreg.core.errors import InputError
+
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"{config_path}: method {cfg.method!r}: {e}") from None
+    train_set, val_set = build_datasets(cfg)
+    return Trainer(cfg, method, train_set, val_set).fit(resume=resume)
+
+
+def register_command(app: typer.Typer) -> None:
+    """Add the ``train`` command to ``app``."""
+
+    @app.command("train")
+    def train(
+        config: Annotated[Path, typer.Argument(help="YAML training configuration.")],
+        set_: Annotated[
+            list[str] | None,
+            typer.Option("--set", help="Override a config value: key.sub=value (repeatable)."),
+        ] = None,
+        resume: Annotated[
+            bool, typer.Option("--resume", help="Continue from OUTDIR/checkpoints/last.pt.")
+        ] = False,
+        output: Annotated[
+            Path | None, typer.Option("-o", "--output", help="Output folder (overrides config).")
+        ] = None,
+    ) -> None:
+        """Train a learned registration method (single process, or DDP under torchrun)."""
+        from rich.console import Console
+
+        summary = run_training(config, set_ or [], resume, output)
+        if summary.get("output") and _is_main():
+            msg = f"trained {summary['step']} steps; outputs in {summary['output']}"
+            if summary.get("best_dice") is not None:
+                msg += (
+                    f" (best validation Dice {summary['best_dice']:.4f} at step "
+                    f"{summary['best_step']}, identity {summary['identity_dice']:.4f})"
+                )
+            Console().print(msg, highlight=False)
+
+
+def _is_main() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"

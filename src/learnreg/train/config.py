@@ -1,0 +1,294 @@
+"""Typed training configuration, read from YAML with ``key.sub=value`` overrides.
+
+Example (all keys except ``method`` and the data sources have defaults)::
+
+    method: voxelmorph
+    method_config: {ndim: 3}
+    data:
+      images: ../shared/data/lpba40/images
+      labels: ../shared/data/lpba40/labels
+      atlas: S01                 # atlas-to-subject; omit for subject-to-subject pairs
+      train: [S11, S12, S13]
+      val: [S35, S36]
+      shape: [40, 48, 40]
+      levels: 3
+      augment: {rotation: 5, scale: 0.05, elastic: 1.0}
+    optimizer: {name: adam, lr: 1.0e-4}
+    steps: 1000
+    batch_size: 1
+    val_every: 100
+    checkpoint_every: 100
+    seed: 0
+    output: runs/vxm
+    device: auto
+
+Unknown keys raise :class:`~learnreg.core.errors.InputError` listing the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from learnreg.core.errors import InputError
+from learnreg.data.augment import AugmentConfig
+
+__all__ = ["DataConfig", "OptimizerConfig", "TrainConfig", "parse_override"]
+
+_DEVICES = ("auto", "cpu", "cuda")
+_OPTIMIZERS = ("adam", "adamw", "sgd")
+_ORIENTATIONS = ("RAS", "native")
+
+
+@dataclass
+class DataConfig:
+    """Where pairs come from and how they are put on the network grid.
+
+    Either ``images`` (+ optional ``labels``) folders with ``train``/``val`` subject lists
+    (default: all images for training, none for validation) and an optional ``atlas``
+    (atlas-to-subject; without it every ordered pair of training subjects), or ``train_csv``
+    (+ ``val_csv``) files of pairs. Relative paths are relative to the YAML file.
+    """
+
+    images: str | None = None
+    labels: str | None = None
+    atlas: str | None = None
+    train: list[str] | None = None
+    val: list[str] | None = None
+    train_csv: str | None = None
+    val_csv: str | None = None
+    shape: list[int] | None = None
+    spacing: list[float] | None = None
+    orientation: str = "RAS"
+    levels: int = 4
+    percentiles: list[float] | None = field(default_factory=lambda: [1.0, 99.0])
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def validate(self) -> DataConfig:
+        if self.images is None and self.train_csv is None:
+            raise InputError("config data: give data.images (a folder) or data.train_csv")
+        if self.images is not None and self.train_csv is not None:
+            raise InputError("config data: give data.images or data.train_csv, not both")
+        if self.orientation not in _ORIENTATIONS:
+            raise InputError(
+                f"config data.orientation must be one of {_ORIENTATIONS}, got {self.orientation!r}"
+            )
+        if self.levels < 0:
+            raise InputError(f"config data.levels must be >= 0, got {self.levels}")
+        return self
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adam"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    grad_clip: float | None = None
+
+    def validate(self) -> OptimizerConfig:
+        if self.name not in _OPTIMIZERS:
+            raise InputError(
+                f"config optimizer.name must be one of {_OPTIMIZERS}, got {self.name!r}"
+            )
+        if not self.lr > 0:
+            raise InputError(f"config optimizer.lr must be > 0, got {self.lr}")
+        return self
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; saved, resolved, with every checkpoint."""
+
+    method: str
+    method_config: dict = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    steps: int = 1000
+    batch_size: int = 1
+    val_every: int = 100
+    checkpoint_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+    output: str = "runs/train"
+    amp: bool = False
+    device: str = "auto"
+    progress: bool = True
+
+    def validate(self) -> TrainConfig:
+        if not isinstance(self.method, str) or not self.method:
+            raise InputError("config method must be a method name")
+        for k in ("steps", "batch_size", "val_every", "checkpoint_every", "log_every"):
+            if getattr(self, k) < 1:
+                raise InputError(f"config {k} must be >= 1, got {getattr(self, k)}")
+        if self.device not in _DEVICES and not self.device.startswith("cuda:"):
+            raise InputError(f"config device must be one of {_DEVICES}, got {self.device!r}")
+        self.data.validate()
+        self.optimizer.validate()
+        return self
+
+    # ------------------------------------------------------------------ (de)serialization
+    def to_dict(self) -> dict:
+        """Plain dict (lists, no tuples or Paths): what checkpoints and ``config.yaml`` hold."""
+        return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        return _build(cls, d, "").validate()
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+        """Read ``path`` and apply ``key.sub=value`` overrides (values parsed as YAML).
+
+        Relative data paths are resolved against the YAML file's folder; ``output`` is kept
+        relative to the working directory.
+        """
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise InputError(f"{path}: config file not found") from None
+        except (OSError, yaml.YAMLError) as e:
+            raise InputError(f"{path}: cannot read YAML ({str(e).splitlines()[0]})") from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise InputError(f"{path}: expected a mapping at the top level")
+        for o in overrides or []:
+            key, value = parse_override(o)
+            _set_path(raw, key, value, str(path))
+        data = raw.get("data")
+        if isinstance(data, dict):
+            for k in ("images", "labels", "train_csv", "val_csv"):
+                if isinstance(data.get(k), str) and not Path(data[k]).is_absolute():
+                    data[k] = str((path.parent / data[k]).resolve())
+        try:
+            return cls.from_dict(raw)
+        except InputError as e:
+            msg = str(e)
+            raise InputError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"optimizer.lr=1e-3"`` → ``("optimizer.lr", 0.001)`` (the value parsed as YAML)."""
+    if "=" not in text:
+        raise InputError(f"override {text!r} must look like key.sub=value")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise InputError(f"override {text!r} has no key")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return key, parsed
+
+
+def _set_path(d: dict, key: str, value: Any, where: str) -> None:
+    parts = key.split(".")
+    node = d
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise InputError(f"{where}: override {key}: {p} is not a mapping")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_plain(v) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """Check and convert a YAML value to the annotated field type."""
+    tp, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise InputError(f"{key} must not be empty")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise InputError(f"{key} must be a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            value = [value]
+        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise InputError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise InputError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+            raise InputError(f"{key} must be an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise InputError(f"{key} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InputError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise InputError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls: type, d: dict, prefix: str) -> Any:
+    """``cls(**d)`` with every field checked; ``prefix`` (``"data."``) names the section."""
+    if not isinstance(d, dict):
+        raise InputError(f"config {prefix.rstrip('.') or 'top level'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        section = prefix.rstrip(".") or "top level"
+        raise InputError(
+            f"unknown config key {', '.join(prefix + k for k in unknown)} in {section}; "
+            f"valid keys: {', '.join(known)}"
+        )
+    kwargs = {}
+    for f in fields(cls):
+        if f.name in d:
+            kwargs[f.name] = _coerce(hints[f.name], d[f.name], prefix + f.name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise InputError(f"missing required config key {prefix + f.name}")
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"{prefix.rstrip('.') or 'config'}: {e}") from None

@@ -1,0 +1,114 @@
+"""Trainer: exact resume after a crash, validation Dice, outputs (stand-in method, 2D slices)."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from learnreg.core.errors import InputError
+from learnreg.train.checkpoint import load_checkpoint
+from learnreg.train.config import TrainConfig
+from learnreg.train.trainer import Trainer, build_datasets
+
+from ._standin import StandIn
+
+
+def _config(ants2d, out, **kw) -> TrainConfig:
+    d = {
+        "method": "standin",
+        "data": {
+            "images": str(ants2d / "images"),
+            "labels": str(ants2d / "labels"),
+            "atlas": "r16slice",
+            "train": ["r27slice", "r30slice", "r62slice", "r64slice", "r85slice"],
+            "val": ["r27slice", "r30slice", "r62slice", "r64slice", "r85slice"],
+            "shape": [48, 48],
+            "levels": 2,
+        },
+        "optimizer": {"lr": 3e-3},
+        "output": str(out),
+        "progress": False,
+        "device": "cpu",
+    }
+    d.update(kw)
+    return TrainConfig.from_dict(d)
+
+
+@pytest.fixture(scope="module")
+def data(ants2d, tmp_path_factory):
+    return build_datasets(_config(ants2d, tmp_path_factory.mktemp("x")))
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def _run(cfg, data, seed=0, resume=False, crash_at=None):
+    torch.manual_seed(seed)
+    method = StandIn()
+
+    def cb(trainer, step, losses):
+        if step == crash_at:
+            raise Crash(f"killed at step {step}")
+
+    trainer = Trainer(cfg, method, *data, callback=cb if crash_at else None)
+    return trainer, trainer.fit(resume=resume)
+
+
+def test_resume_after_kill_is_exact(ants2d, data, tmp_path):
+    kw = {
+        "steps": 8,
+        "batch_size": 2,
+        "checkpoint_every": 4,
+        "val_every": 4,
+        "log_every": 1,
+        "data": {
+            **_config(ants2d, tmp_path).to_dict()["data"],
+            "augment": {"rotation": 5, "elastic": 0.5, "gamma": 0.2, "noise": 0.02},
+        },
+    }
+    a, _ = _run(_config(ants2d, tmp_path / "a", **kw), data)
+    cfg_b = _config(ants2d, tmp_path / "b", **kw)
+    with pytest.raises(Crash):
+        _run(cfg_b, data, crash_at=6)  # dies after step 6; last checkpoint is step 4
+    assert load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["step"] == 4
+    b, summary = _run(cfg_b, data, seed=123, resume=True)  # other init: weights come from disk
+    assert summary["step"] == 8
+    for (k, va), vb in zip(
+        a.method.state_dict().items(), b.method.state_dict().values(), strict=True
+    ):
+        assert torch.equal(va, vb), k
+    sa = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt", expected_method="standin")
+    sb = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt", expected_method="standin")
+    assert sa["step"] == sb["step"] == 8
+    for pa, pb in zip(
+        sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values(), strict=True
+    ):
+        assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert torch.equal(sa["rng"]["torch"], sb["rng"]["torch"])
+    assert sa["extra"]["best_dice"] == sb["extra"]["best_dice"]
+    # the log has each step once, and the resumed run's rows continue the killed run's
+    with open(tmp_path / "b" / "log.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["step"]) for r in rows] == list(range(1, 9))
+    assert {"total", "mse", "diffusion", "val_dice"} <= set(rows[0])
+    assert (tmp_path / "b" / "config.yaml").is_file()
+    assert (tmp_path / "b" / "checkpoints" / "step_0000008.pt").is_file()
+    # resuming a finished run does nothing; another method's checkpoint is refused
+    _, again = _run(cfg_b, data, resume=True)
+    assert again["step"] == 8
+    other = Trainer(_config(ants2d, tmp_path / "b", method="other"), torch.nn.Linear(1, 1), *data)
+    with pytest.raises(InputError, match="checkpoint of method 'standin', expected 'other'"):
+        other.fit(resume=True)
+
+
+def test_validation_dice_improves(ants2d, data, tmp_path):
+    cfg = _config(ants2d, tmp_path, steps=150, batch_size=2, val_every=50, checkpoint_every=150)
+    trainer, summary = _run(cfg, data)
+    assert summary["identity_dice"] > 0.3
+    assert summary["best_dice"] > summary["identity_dice"] + 0.02, summary
+    best = load_checkpoint(tmp_path / "checkpoints" / "best.pt", expected_method="standin")
+    assert best["extra"]["best_dice"] == summary["best_dice"]
+    assert best["extra"]["grid"]["shape"] == [48, 48]  # the network grid travels along
