@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -176,35 +177,44 @@ def results_table(records: list[dict], title: str | None = None) -> Table:
     from learnreg.eval.statistics import methods_in, summarize
 
     summary = summarize(records, n_resamples=2000)
-    table = Table(title=title)
-    for col in (
-        "method", "pairs ok", "Dice [95% CI]", "HD95 mm", "TRE mm",
-        "% det J ≤ 0", "SDlogJ", "time s", "memory MB",
-    ):  # fmt: skip
-        table.add_column(col, justify="left" if col == "method" else "right")
-    for method in methods_in(records):
+    methods = methods_in(records)
+    columns = [  # (header, metric, digits, scale, ci)
+        ("Dice [95% CI]", "dice_mean", 3, 1.0, True),
+        ("HD95 mm", "hd95_mean", 2, 1.0, False),
+        ("TRE mm", "tre_mean", 2, 1.0, False),
+        ("% det J≤0", "folding_fraction", 4, 100.0, False),
+        ("SDlogJ", "sdlogj", 3, 1.0, False),
+        ("time s", "seconds", 1, 1.0, False),
+        ("memory MB", "peak_memory_mb", 0, 1.0, False),
+    ]
+    # leave out columns no method has a value for (no landmarks, memory not measured)
+    columns = [c for c in columns if any(summary[m][c[1]]["n"] for m in methods)]
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("method")
+    table.add_column("pairs ok", justify="right")
+    for header, *_ in columns:
+        table.add_column(header, justify="right")
+    for method in methods:
         rows = [r for r in records if r["method"] == method]
         failed = sum(1 for r in rows if r.get("error"))
-        s = summary[method]
-        table.add_row(
-            method,
-            f"{len(rows) - failed}/{len(rows)}",
-            _fmt(s["dice_mean"], 3, ci=True),
-            _fmt(s["hd95_mean"], 2),
-            _fmt(s["tre_mean"], 2),
-            _fmt(s["folding_fraction"], 4, scale=100.0),
-            _fmt(s["sdlogj"], 3),
-            _fmt(s["seconds"], 1),
-            _fmt(s["peak_memory_mb"], 0),
-        )
+        cells = [_fmt(summary[method][m], d, scale=sc, ci=ci) for _, m, d, sc, ci in columns]
+        table.add_row(method, f"{len(rows) - failed}/{len(rows)}", *cells)
     return table
 
 
 def _print_summary(records: list[dict], output: Path, title: str | None = None) -> None:
     console = Console()
+    if not console.is_terminal:  # logs and pipes: do not wrap the table at 80 columns
+        console = Console(width=max(console.width, 140))
     console.print(results_table(records, title))
     errors = [r for r in records if r.get("error")]
     for r in errors:
-        console.print(f"[red]failed[/] {r['method']} · {r['pair']}: {r['error']}", highlight=False)
+        console.print(
+            f"[red]failed[/] {r['method']} · {r['pair']}: {r['error']}",
+            highlight=False,
+            soft_wrap=True,
+        )
     report = Path(output) / "report.html"
-    console.print(f"report: {report if report.exists() else Path(output)}", highlight=False)
+    console.print(
+        f"report: {report if report.exists() else Path(output)}", highlight=False, soft_wrap=True
+    )

@@ -1,4 +1,4 @@
-"""The ``learnreg`` command line: register, apply, demo, methods, train."""
+"""The ``learnreg`` command line: register, apply, demo, evaluate, benchmark, methods, train."""
 
 from __future__ import annotations
 
@@ -107,9 +107,9 @@ def demo(
 
 def _register_commands() -> None:
     """Commands that live in their own modules register themselves on the app."""
-    from learnreg.cli import methods, train
+    from learnreg.cli import evaluate, methods, train
 
-    for module in (methods, train):
+    for module in (evaluate, methods, train):
         module.register_command(app)
 
 

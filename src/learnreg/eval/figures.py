@@ -180,7 +180,7 @@ def qc_figure(
         slices: index ``(i, j, k)`` of the displayed slices (3D; default central).
         grid_step: deformation-grid spacing in voxels (default about 1/24 of the extent).
 
-    3D: one row per panel (fixed, moving, warped, checkerboard, |fixed - warped|, grid,
+    3D: one row per panel (fixed, moving, warped, checkerboard, |fixed - warped| (each normalized), grid,
     det J), columns axial / coronal / sagittal. 2D: the same panels, four per row.
     """
     f = _squeeze(fixed)
@@ -229,7 +229,9 @@ def qc_figure(
         k: np.clip((v - ranges[k][0]) / (ranges[k][1] - ranges[k][0]), 0, 1)
         for k, v in imgs.items()
     }
-    diff = np.abs(imgs["fixed"] - imgs["warped"])
+    # each image on its own robust [0, 1] scale, so different intensity scales do not show
+    # up as misalignment
+    diff = np.abs(norm01["fixed"] - norm01["warped"])
     dmax = float(np.percentile(diff, 99.5)) or float(diff.max()) or 1.0
     n_folds = None if jac is None else int((jac <= 0).sum())
 
@@ -238,7 +240,7 @@ def qc_figure(
         ("moving", "moving (on fixed grid, before warp)"),
         ("warped", "warped moving"),
         ("checker", f"checkerboard fixed / warped ({tiles}×{tiles})"),
-        ("diff", "|fixed − warped|"),
+        ("diff", "|fixed − warped| (each normalized to [0, 1])"),
     ]
     if disp is not None:
         panels.append(("grid", f"deformed grid (every {step} voxels)"))
@@ -312,7 +314,7 @@ def qc_figure(
         ax.tick_params(labelsize=6)
         return m
 
-    cb_labels = {"diff": "|Δ intensity|", "jac": "det J", "checker": "normalized"}
+    cb_labels = {"diff": "|Δ normalized intensity|", "jac": "det J", "checker": "normalized"}
     if nd == 3:
         widths = [shape[vw.axes[0]] * vw.spacing[0] for vw in views] + [0.06 * max(shape)]
         row_h = 2.7

@@ -1,0 +1,359 @@
+"""Evaluation of methods on pairs: CSV parsing, records, resume, per-pair errors, TRE, ANTs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from learnreg.core.errors import InputError
+from learnreg.eval import evaluate as ev
+from learnreg.eval.evaluate import (
+    Pair,
+    atlas_pairs,
+    evaluate,
+    evaluate_pair,
+    pairs_from_csv,
+    resolve_method,
+)
+from learnreg.eval.metrics import mean_dice
+from learnreg.io.images import read_image, read_labels, write_image
+from learnreg.io.points import write_points
+from learnreg.spatial.sampling import resample
+
+SUBJECTS = ("S01", "S35", "S36")
+
+
+def make_small_lpba(lpba: Path, dst: Path, subjects=SUBJECTS, factor: float = 3.0) -> Path:
+    """LPBA40 subjects downsampled ×factor into ``dst/images`` and ``dst/labels`` (label-safe),
+    plus label-centroid landmarks ``dst/points/Sxx.csv`` (RAS mm, one row per label)."""
+    for sub in ("images", "labels", "points"):
+        (dst / sub).mkdir(parents=True, exist_ok=True)
+    for s in subjects:
+        img = read_image(lpba / f"images/{s}.nii.gz")
+        grid = img.grid.downsampled(factor)
+        write_image(resample(img, grid), dst / f"images/{s}.nii.gz")
+        lab = resample(read_labels(lpba / f"labels/{s}.nii.gz"), grid, mode="label")
+        write_image(lab, dst / f"labels/{s}.nii.gz")
+        a = lab.data[0].numpy()
+        ids = [int(v) for v in np.unique(a) if v != 0]
+        cents = np.array(ndimage.center_of_mass(np.ones_like(a), a, ids))
+        world = grid.index_to_world(torch.from_numpy(cents)).numpy()
+        write_points(dst / f"points/{s}.csv", world, extra={"label": ids})
+    return dst
+
+
+@pytest.fixture(scope="module")
+def small(lpba, tmp_path_factory) -> Path:
+    return make_small_lpba(lpba, tmp_path_factory.mktemp("lpba_small"))
+
+
+@pytest.fixture(autouse=True)
+def report_stub(monkeypatch):
+    """Use the real report writer when present; a minimal stand-in otherwise."""
+    try:
+        import learnreg.eval.report  # noqa: F401
+    except ImportError:
+        import types
+
+        mod = types.ModuleType("learnreg.eval.report")
+
+        def write_report(records, outdir, title="learnreg evaluation", reference=None):
+            p = Path(outdir) / "report.html"
+            p.write_text("<html>" + json.dumps(records) + "</html>")
+            return {"html": p}
+
+        mod.write_report = write_report
+        monkeypatch.setitem(sys.modules, "learnreg.eval.report", mod)
+
+
+def _pair(small: Path, s: str, labels=True, points=False, name=None) -> Pair:
+    return Pair(
+        name=name or f"{s}_to_S01",
+        fixed=small / "images/S01.nii.gz",
+        moving=small / f"images/{s}.nii.gz",
+        fixed_labels=small / "labels/S01.nii.gz" if labels else None,
+        moving_labels=small / f"labels/{s}.nii.gz" if labels else None,
+        fixed_points=small / "points/S01.csv" if points else None,
+        moving_points=small / f"points/{s}.csv" if points else None,
+    )
+
+
+def _identity_dice(small: Path, s: str) -> float:
+    f = read_labels(small / "labels/S01.nii.gz")
+    m = resample(read_labels(small / f"labels/{s}.nii.gz"), f.grid, mode="label")
+    return mean_dice(f.data[0], m.data[0])
+
+
+# ---------------------------------------------------------------------------- pairs CSV
+def test_pairs_from_csv_resolves_relative_paths_and_names(tmp_path):
+    (tmp_path / "sub").mkdir()
+    csv = tmp_path / "sub/pairs.csv"
+    csv.write_text(
+        "fixed,moving,fixed_labels,moving_labels,name\n"
+        "a.nii.gz,b.nii.gz,la.nii.gz,lb.nii.gz,\n"
+        "/abs/a.nii.gz,c.nii.gz,,,custom name\n"
+    )
+    p1, p2 = pairs_from_csv(csv)
+    assert p1.name == "b_to_a" and p1.fixed == tmp_path / "sub/a.nii.gz"
+    assert p1.moving_labels == tmp_path / "sub/lb.nii.gz" and p1.fixed_points is None
+    assert p2.fixed == Path("/abs/a.nii.gz") and p2.fixed_labels is None
+    assert p2.name == "custom-name"
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("fixed,labels\na,b\n", "unknown column(s) labels"),
+        ("fixed,fixed_labels\na,b\n", "missing column(s) moving"),
+        ("fixed,moving\n", "no pairs"),
+        ("fixed,moving\na,b\n,c\n", "row 3: column 'fixed' is empty"),
+        ("fixed,moving,fixed_labels,moving_labels\na,b,la,\n", "row 2: column 'fixed_labels'"),
+        ("fixed,moving\na,b\na,b\n", "row 3: pair name 'b_to_a' repeats row 2"),
+        ("fixed,moving\na,b,c\n", "row 2 has 3 fields"),
+    ],
+)
+def test_pairs_from_csv_errors_name_row_and_column(tmp_path, text, needle):
+    csv = tmp_path / "pairs.csv"
+    csv.write_text(text)
+    with pytest.raises(InputError, match="pairs.csv") as e:
+        pairs_from_csv(csv)
+    assert needle in str(e.value)
+    with pytest.raises(InputError, match="not found"):
+        pairs_from_csv(tmp_path / "nope.csv")
+
+
+def test_atlas_pairs(tmp_path):
+    for d in ("img", "lab"):
+        (tmp_path / d).mkdir()
+    for s in ("S01", "S02", "S03"):
+        (tmp_path / f"img/{s}.nii.gz").write_bytes(b"x")
+    pairs = atlas_pairs(tmp_path / "img/S01.nii.gz", tmp_path / "A.nii.gz", tmp_path / "img",
+                        tmp_path / "lab")  # fmt: skip
+    assert [p.name for p in pairs] == ["S02", "S03"]  # the atlas itself is left out
+    assert pairs[0].moving_labels == tmp_path / "lab/S02.nii.gz"
+    assert atlas_pairs(tmp_path / "img/S01.nii.gz", None, tmp_path / "img")[0].fixed_labels is None
+    with pytest.raises(InputError, match="no images matching"):
+        atlas_pairs(tmp_path / "img/S01.nii.gz", None, tmp_path / "img", pattern="*.mha")
+    with pytest.raises(InputError, match="atlas image not found"):
+        atlas_pairs(tmp_path / "x.nii.gz", None, tmp_path / "img")
+
+
+# ---------------------------------------------------------------------------- methods
+def test_resolve_method_specs_and_errors(tmp_path, monkeypatch):
+    assert resolve_method("classical:affine").name == "classical:affine"
+    assert resolve_method("mine=classical:rigid").name == "mine"
+    assert resolve_method("transforms:" + str(tmp_path)).name == f"transforms:{tmp_path.name}"
+    with pytest.raises(InputError, match="unknown kind 'foo'; known: .*classical"):
+        resolve_method("foo:bar")
+    with pytest.raises(InputError, match="expected KIND:ARGUMENT"):
+        resolve_method("classical")
+    with pytest.raises(InputError, match="classical:nonsense"):
+        resolve_method("classical:nonsense")
+    with pytest.raises(InputError, match="folder not found"):
+        resolve_method(f"transforms:{tmp_path / 'missing'}")
+    monkeypatch.setitem(sys.modules, "ants", None)  # simulate antspyx not installed
+    with pytest.raises(InputError, match="antspyx is not installed"):
+        resolve_method("ants:SyN")
+
+
+def test_register_method_plugs_in_a_new_kind(small, tmp_path):
+    """Learned models plug in through the registry; every method is scored alike."""
+    from learnreg.spatial.result import RegistrationResult
+
+    class Identity:
+        name = "identity"
+
+        def register(self, fixed, moving, pair=None):
+            return RegistrationResult(fixed.grid, moving.grid)
+
+    ev.register_method("identity")(lambda arg: Identity())
+    try:
+        rec = evaluate_pair("identity:x", _pair(small, "S35"), tmp_path, qc=False)
+    finally:
+        ev._REGISTRY.pop("identity")
+    assert rec["error"] is None and rec["method"] == "identity"
+    assert rec["dice_mean"] == pytest.approx(_identity_dice(small, "S35"), abs=1e-9)
+    assert rec["folding_count"] == 0 and rec["ice_mean"] is None
+
+
+# ---------------------------------------------------------------------------- evaluate
+@pytest.fixture(scope="module")
+def bad_inputs(small) -> Path:
+    bad = small / "bad"
+    bad.mkdir(exist_ok=True)
+    lab = read_labels(small / "labels/S36.nii.gz")
+    data = lab.data.clone()
+    data[data == 22] = 0  # drop one structure
+    write_image(lab.with_data(data), bad / "S36_missing22.nii.gz")
+    (bad / "points_wrong.csv").write_text("a,b,c\n1,2,3\n")
+    (bad / "points_short.csv").write_text("x,y,z\n1,2,3\n")
+    write_image(_slice2d(small), bad / "slice2d.nii.gz")
+    return bad
+
+
+def _slice2d(small: Path):
+    from learnreg.core.grid import Grid
+    from learnreg.core.image import Image
+
+    img = read_image(small / "images/S36.nii.gz")
+    return Image(img.data[:, :, :, 27], Grid(img.grid.shape[:2], img.grid.spacing[:2]), "2d")
+
+
+def _with(p: Pair, **kw) -> Pair:
+    d = {**p.__dict__, **kw}
+    return Pair(**d)
+
+
+@pytest.fixture(scope="module")
+def run(small, bad_inputs, tmp_path_factory):
+    """One evaluation: two good pairs (one with landmarks) and four bad ones."""
+    out = tmp_path_factory.mktemp("eval_out")
+    good = [_pair(small, "S35", points=True), _pair(small, "S36")]
+    bad = [
+        _with(good[1], name="labels_differ", moving_labels=bad_inputs / "S36_missing22.nii.gz"),
+        _with(good[1], name="missing_file", moving=small / "images/S99.nii.gz"),
+        _with(good[0], name="bad_landmarks", moving_points=bad_inputs / "points_wrong.csv"),
+        _with(good[0], name="count_landmarks", moving_points=bad_inputs / "points_short.csv"),
+        _with(good[1], name="dims", moving=bad_inputs / "slice2d.nii.gz", moving_labels=None,
+              fixed_labels=None),
+    ]  # fmt: skip
+    pairs = good[:1] + bad + good[1:]  # failing pairs in the middle
+    records = evaluate(["classical:affine"], pairs, out, progress=False)
+    return out, pairs, records
+
+
+def test_records_are_complete_and_registration_helps(run, small):
+    out, pairs, records = run
+    assert [r["pair"] for r in records] == [p.name for p in pairs]
+    good = {r["pair"]: r for r in records if r["error"] is None}
+    assert set(good) == {"S35_to_S01", "S36_to_S01"}
+    for s in ("S35", "S36"):
+        r = good[f"{s}_to_S01"]
+        assert set(r) == set(ev.RECORD_KEYS)
+        assert r["method"] == "classical:affine"
+        assert len(r["dice"]) == 56 and all(isinstance(k, str) for k in r["dice"])
+        assert r["dice_mean"] > _identity_dice(small, s) + 0.01
+        assert 0 < r["hd95_mean"] < 20 and len(r["hd95"]) == 56
+        assert r["folding_count"] == 0 and r["sdlogj"] == 0.0 and r["ice_mean"] is None
+        assert r["seconds"] > 0 and r["peak_memory_mb"] is None  # memory only when isolated
+        assert (out / r["qc_png"]).is_file()
+        cached = json.loads(ev.record_path(out, "classical:affine", pairs[0]).read_text())
+        assert cached["pair"] == "S35_to_S01"
+    assert good["S36_to_S01"]["tre_mean"] is None
+    assert (out / "report.html").is_file()
+
+
+def test_tre_from_label_centroid_landmarks(run, small):
+    from learnreg.io.points import read_points
+
+    rec = next(r for r in run[2] if r["pair"] == "S35_to_S01")
+    before = np.linalg.norm(
+        read_points(small / "points/S01.csv") - read_points(small / "points/S35.csv"), axis=1
+    )
+    assert rec["tre_max"] >= rec["tre_mean"] > 0
+    assert rec["tre_mean"] < before.mean()
+
+
+def test_bad_pairs_give_error_records_naming_the_pair(run):
+    errors = {r["pair"]: r["error"] for r in run[2] if r["error"]}
+    assert set(errors) == {"labels_differ", "missing_file", "bad_landmarks", "count_landmarks",
+                           "dims"}  # fmt: skip
+    for name, msg in errors.items():
+        assert msg.startswith(f"pair {name}:"), msg
+    assert "label sets differ (only in fixed: 22)" in errors["labels_differ"]
+    assert "S99.nii.gz: file not found" in errors["missing_file"]
+    assert "points_wrong.csv: missing column(s) x, y, z" in errors["bad_landmarks"]
+    assert "landmark counts differ: 56 fixed" in errors["count_landmarks"]
+    assert "3D but moving image is 2D" in errors["dims"]
+    for r in run[2]:
+        if r["error"]:
+            assert r["dice_mean"] is None and r["qc_png"] is None
+
+
+def test_resume_skips_finished_pairs(run, monkeypatch):
+    out, pairs, first = run
+    calls = []
+    orig = ev.ClassicalMethod.register
+
+    def counting(self, fixed, moving, pair=None):
+        calls.append(pair.name)
+        return orig(self, fixed, moving, pair)
+
+    monkeypatch.setattr(ev.ClassicalMethod, "register", counting)
+    again = evaluate(["classical:affine"], pairs, out, progress=False)
+    assert calls == []  # good pairs cached; bad pairs retried but fail before registering
+    assert [r["dice_mean"] for r in again] == [r["dice_mean"] for r in first]
+    evaluate(["classical:affine"], pairs[:1], out, resume=False, progress=False, qc=False)
+    assert calls == ["S35_to_S01"]
+
+
+def test_transforms_folder_from_saved_results(run, small, tmp_path):
+    """``transforms:DIR`` scores saved results exactly like the run that produced them."""
+    from learnreg.io.result import save_result
+    from learnreg.optimize.classical import register
+
+    pair = _pair(small, "S35", points=True)
+    fixed, moving = read_image(pair.fixed), read_image(pair.moving)
+    result = register(fixed, moving, "affine")
+    (tmp_path / "saved" / pair.name).mkdir(parents=True)
+    save_result(result, tmp_path / "saved" / pair.name)
+    rec = evaluate_pair(f"transforms:{tmp_path / 'saved'}", pair, tmp_path / "out")
+    direct = evaluate_pair(ev.ClassicalMethod("affine"), pair, tmp_path / "out2", qc=False)
+    assert rec["error"] is None and rec["method"] == "transforms:saved"
+    assert rec["dice_mean"] == pytest.approx(direct["dice_mean"], abs=0.01)
+    assert rec["seconds"] == pytest.approx(result.info["seconds"])  # the original run's time
+    assert (tmp_path / "out" / rec["qc_png"]).is_file()
+    other = evaluate_pair(f"transforms:{tmp_path / 'saved'}", _pair(small, "S36"), tmp_path)
+    assert "no transforms for pair 'S36_to_S01'" in other["error"]
+
+
+def test_isolated_worker_reports_its_own_peak_memory(small, tmp_path):
+    pair = _pair(small, "S35", labels=False)
+    (rec,) = evaluate(["classical:affine"], [pair], tmp_path, isolate=True, progress=False,
+                      qc=False, report=False)  # fmt: skip
+    assert rec["error"] is None, rec["error"]
+    assert rec["peak_memory_mb"] > 50 and rec["seconds"] > 0 and rec["dice_mean"] is None
+    (bad,) = evaluate(["classical:affine"], [_with(pair, name="x", moving=tmp_path / "no.nii")],
+                      tmp_path, isolate=True, progress=False, report=False)  # fmt: skip
+    assert bad["error"].startswith("pair x:") and "file not found" in bad["error"]
+
+
+def test_evaluate_rejects_bad_arguments(small, tmp_path):
+    p = _pair(small, "S35")
+    with pytest.raises(InputError, match="no methods"):
+        evaluate([], [p], tmp_path)
+    with pytest.raises(InputError, match="repeated: S35_to_S01"):
+        evaluate(["classical:affine"], [p, p], tmp_path)
+    with pytest.raises(InputError, match="method names must be distinct"):
+        evaluate(["classical:affine", "classical:affine"], [p], tmp_path)
+
+
+# ---------------------------------------------------------------------------- ANTs
+def test_ants_outputs_and_ants_method(small, tmp_path):
+    ants = pytest.importorskip("ants")
+    pair = _pair(small, "S35", points=True)
+    f = ants.image_read(str(pair.fixed))
+    m = ants.image_read(str(pair.moving))
+    (tmp_path / "ants" / pair.name).mkdir(parents=True)
+    ants.registration(
+        f, m, "SyN", reg_iterations=(20, 10), aff_iterations=(30, 10),
+        aff_shrink_factors=(2, 1), aff_smoothing_sigmas=(1, 0),
+        outprefix=str(tmp_path / "ants" / pair.name / "reg_"),
+    )  # fmt: skip
+    rec = evaluate_pair(f"transforms:{tmp_path / 'ants'}", pair, tmp_path / "out")
+    assert rec["error"] is None, rec["error"]
+    assert rec["dice_mean"] > _identity_dice(small, "S35") + 0.03
+    assert rec["ice_mean"] is not None and rec["ice_mean"] < 1.0  # 1InverseWarp was read
+    assert rec["folding_fraction"] is not None and rec["sdlogj"] > 0
+    assert rec["seconds"] is None  # precomputed elsewhere: no time to report
+    assert rec["tre_mean"] < 10
+    aff = evaluate_pair("ants:Affine", _pair(small, "S36"), tmp_path / "out", qc=False)
+    assert aff["error"] is None, aff["error"]
+    assert aff["method"] == "ants:Affine" and aff["seconds"] > 0
+    assert aff["dice_mean"] > _identity_dice(small, "S36") + 0.01
