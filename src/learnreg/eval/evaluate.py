@@ -31,7 +31,6 @@ the others.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -52,6 +51,7 @@ import torch
 
 from learnreg.core.errors import InputError
 from learnreg.core.image import Image
+from learnreg.io.points import read_csv_rows
 from learnreg.io.result import write_json
 from learnreg.spatial.result import RegistrationResult
 
@@ -133,13 +133,7 @@ def pairs_from_csv(path: PathLike) -> list[Pair]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: pairs CSV not found")
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            rows = [r for r in csv.reader(fh) if any(c.strip() for c in r)]
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise InputError(f"{path}: cannot read CSV ({e})") from None
-    if not rows:
-        raise InputError(f"{path}: empty CSV, expected a header with columns fixed,moving")
+    rows = read_csv_rows(path, "fixed,moving")
     header = [h.strip().lower() for h in rows[0]]
     known = set(_PATH_FIELDS) | {"name"}
     unknown = [h for h in header if h not in known]

@@ -45,6 +45,18 @@ def _flip(points: np.ndarray) -> np.ndarray:
     return out
 
 
+def read_csv_rows(path: PathLike, expected_columns: str) -> list[list[str]]:
+    """Non-empty rows of a CSV file (header first); InputError naming the file otherwise."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            rows = [r for r in csv.reader(fh) if any(c.strip() for c in r)]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise InputError(f"{path}: cannot read CSV ({e})") from None
+    if not rows:
+        raise InputError(f"{path}: empty CSV, expected a header with columns {expected_columns}")
+    return rows
+
+
 def read_point_table(
     path: PathLike,
     space: str = "RAS",
@@ -64,13 +76,7 @@ def read_point_table(
         raise InputError(f"{path}: ndim must be 2 or 3, got {ndim}")
     if not path.is_file():
         raise InputError(f"{path}: file not found" if not path.exists() else f"{path}: not a file")
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            rows = [r for r in csv.reader(fh) if any(c.strip() for c in r)]
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise InputError(f"{path}: cannot read CSV ({e})") from None
-    if not rows:
-        raise InputError(f"{path}: empty CSV, expected a header with columns x,y[,z]")
+    rows = read_csv_rows(path, "x,y[,z]")
     header = [h.strip() for h in rows[0]]
     lower = [h.lower() for h in header]
     for a in _AXES:
