@@ -81,9 +81,7 @@ def _known_transform(grid: Grid, seed: int = 0) -> TransformChain:
         torch.tensor([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
         * 1.04
     )
-    centre = grid.index_to_world(
-        torch.tensor([(s - 1) / 2 for s in grid.shape], dtype=torch.float64)
-    )
+    centre = torch.tensor(grid.center)
     m = torch.eye(4)
     m[:3, :3] = rot
     m[:3, 3] = centre.float() - rot @ centre.float() + torch.tensor([6.0, -3.0, 2.0])
@@ -103,9 +101,7 @@ def run_demo(output: Path) -> dict:
     b = math.radians(10.0)
     direction = ((math.cos(b), -math.sin(b), 0.0), (math.sin(b), math.cos(b), 0.0), (0.0, 0.0, 1.0))
     shape = tuple(int(s / 1.3) for s in fixed.grid.shape)
-    centre = fixed.grid.index_to_world(
-        torch.tensor([(s - 1) / 2 for s in fixed.grid.shape], dtype=torch.float64)
-    ).numpy()
+    centre = np.asarray(fixed.grid.center)
     half = np.asarray(direction) @ (1.3 * (np.asarray(shape) - 1) / 2)
     moving_grid = Grid(shape, (1.3,) * 3, tuple(centre - half), direction)
     # moving(y) = fixed(S(y)) with S the known map, so the true fixed→moving map is S⁻¹

@@ -69,7 +69,7 @@ def write_outputs(
     write_image(Image(jac[None], result.fixed_grid, "jacobian"), folder / "jacobian.nii.gz")
     metrics: dict = {"seconds": result.info.get("seconds")}
     metrics["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    moved_affine = resample(moving, fixed.grid, result._affine())
+    moved_affine = resample(moving, fixed.grid, result.linear())
     with torch.no_grad():
         f = fixed.batch().float()
         metrics["lncc_affine"] = -float(L.lncc(f, moved_affine.batch(), window=9))
@@ -78,7 +78,7 @@ def write_outputs(
         metrics["jacobian"] = jacobian_stats(result.deformable.voxel_field())
     if fixed_labels is not None and moving_labels is not None:
         warped_labels = result.warp(moving_labels, mode="label")
-        moved_labels = resample(moving_labels, fixed.grid, result._affine(), mode="label")
+        moved_labels = resample(moving_labels, fixed.grid, result.linear(), mode="label")
         write_image(warped_labels, folder / "warped_labels.nii.gz")
         metrics["dice_affine"] = mean_dice(fixed_labels.data[0], moved_labels.data[0])
         metrics["dice"] = mean_dice(fixed_labels.data[0], warped_labels.data[0])

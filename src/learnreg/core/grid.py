@@ -151,6 +151,11 @@ class Grid:
         return self.index_to_normalized @ self.inverse_affine
 
     @property
+    def center(self) -> tuple[float, ...]:
+        """World position (RAS mm) of the centre of the voxel-centre box."""
+        return tuple(self.affine[:-1] @ np.append((np.asarray(self.shape) - 1) / 2.0, 1.0))
+
+    @property
     def extent(self) -> tuple[float, ...]:
         """Physical length (mm) between the first and last voxel centres along each axis."""
         return tuple((s - 1) * sp for s, sp in zip(self.shape, self.spacing, strict=True))

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from learnreg.core.errors import InputError
-from learnreg.core.grid import Grid
+from learnreg.core.grid import Grid, apply_matrix
 from learnreg.core.image import Image
 from learnreg.losses import functional as L
 from learnreg.optimize.config import ClassicalConfig, DeformableStage, LinearStage, preset
@@ -152,18 +152,13 @@ def _linear_stage(
         target = fl.batch()
         for it in range(iters):
             opt.zero_grad(set_to_none=True)
-            warped = sample(ml.batch(), ml.grid.world_to_grid_sample(_apply(total(), pts)))
+            warped = sample(ml.batch(), ml.grid.world_to_grid_sample(apply_matrix(total(), pts)))
             loss = sim(target, warped)
             loss.backward()
             opt.step()
             if progress:
                 progress(f"{stage.model} 1/{shrink:g}", it + 1, iters, loss.item())
     return total().detach()
-
-
-def _apply(matrix: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
-    d = pts.shape[-1]
-    return pts @ matrix[:d, :d].T + matrix[:d, d]
 
 
 # ---------------------------------------------------------------------------- deformable

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 
 from learnreg.core.grid import Grid
@@ -17,19 +16,13 @@ from learnreg.spatial.linear import Affine, Rigid, Similarity, Translation
 from learnreg.spatial.svf import StationaryVelocityField
 from learnreg.spatial.tps import ThinPlateSpline
 
-__all__ = ["TRANSFORMS", "create_transform", "grid_center"]
-
-
-def grid_center(grid: Grid) -> torch.Tensor:
-    """World coordinates (RAS mm) of the centre of ``grid``'s voxel-centre box, ``(D,)``."""
-    centre = grid.affine[:-1] @ np.append((np.asarray(grid.shape) - 1) / 2.0, 1.0)
-    return torch.as_tensor(centre, dtype=torch.float32)
+__all__ = ["TRANSFORMS", "create_transform"]
 
 
 def _linear(cls: type) -> Callable[..., SpatialTransform]:
     def make(grid: Grid | None, **kw: Any) -> SpatialTransform:
         if grid is not None:
-            kw.setdefault("center", grid_center(grid))
+            kw.setdefault("center", torch.tensor(grid.center, dtype=torch.float32))
             if kw.get("params") is None:
                 kw.setdefault("ndim", grid.ndim)
         return cls(**kw)

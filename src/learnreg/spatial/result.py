@@ -47,12 +47,13 @@ class RegistrationResult:
     def ndim(self) -> int:
         return self.fixed_grid.ndim
 
-    def _affine(self) -> AffineTransform:
+    def linear(self) -> AffineTransform:
+        """The affine part (identity when there is none)."""
         return self.affine if self.affine is not None else AffineTransform.identity(self.ndim)
 
     def transform(self) -> SpatialTransform:
         """Fixed-space world points to moving-space world points."""
-        parts: list[SpatialTransform] = [self._affine()]
+        parts: list[SpatialTransform] = [self.linear()]
         if self.deformable is not None:
             parts.insert(0, self.deformable)
         return TransformChain(parts)
@@ -61,7 +62,7 @@ class RegistrationResult:
         """Moving-space world points to fixed-space world points."""
         if self.deformable is not None and self.inverse_deformable is None:
             raise ValueError("this result has no inverse deformable field")
-        parts: list[SpatialTransform] = [self._affine().inverse()]
+        parts: list[SpatialTransform] = [self.linear().inverse()]
         if self.inverse_deformable is not None:
             parts.append(self.inverse_deformable)
         return TransformChain(parts)
