@@ -18,7 +18,7 @@ from __future__ import annotations
 import csv
 import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +27,10 @@ from torch.utils.data import Dataset
 
 from learnreg.core.errors import InputError
 from learnreg.core.grid import Grid
+from learnreg.core.image import Image
 from learnreg.data.preprocess import Preprocessor
 from learnreg.io.images import IMAGE_EXTENSIONS, extension, read_image, read_labels
+from learnreg.spatial.base import SpatialTransform
 
 __all__ = [
     "Subject",
@@ -164,6 +166,11 @@ class PairDataset(Dataset):
         preprocessor: how images are put on the network grid.
         grid: the network grid; default ``preprocessor.grid_for(first fixed image)``.
         preload: read and preprocess every file now (else on first use).
+        prealign: optional ``(fixed, moving) → transform`` (fixed world → moving world, e.g.
+            a classical affine registration); each moving image and label map is resampled
+            through its pair's transform, so the network sees pre-aligned pairs, as
+            prediction after affine alignment does. The matrices are kept in
+            :attr:`prealignments` (``"fixed/moving"`` → transform).
 
     Items are dicts with ``fixed``, ``moving`` (``(1, *S)`` float32), ``fixed_labels``,
     ``moving_labels`` (``(1, *S)`` int64, or absent), ``index`` and ``names``.
@@ -175,24 +182,25 @@ class PairDataset(Dataset):
         preprocessor: Preprocessor | None = None,
         grid: Grid | None = None,
         preload: bool = True,
+        prealign: Callable[[Image, Image], SpatialTransform] | None = None,
     ) -> None:
         if not pairs:
             raise InputError("PairDataset: no pairs")
         self.pairs = list(pairs)
         self.preprocessor = preprocessor or Preprocessor()
-        self._cache: dict[tuple[Path, bool], torch.Tensor] = {}
+        self.prealign = prealign
+        self.prealignments: dict[str, SpatialTransform] = {}
+        self._cache: dict[tuple[Path, bool, Path | None], torch.Tensor] = {}
         if grid is None:  # the reference is read once: for the grid and for the cache
             ref_path = self.pairs[0].fixed.image
             ref = read_image(ref_path)
             grid = self.preprocessor.grid_for(ref)
-            self._cache[(ref_path, False)] = self.preprocessor.image(ref, grid).data.contiguous()
+            key = (ref_path, False, None)
+            self._cache[key] = self.preprocessor.image(ref, grid).data.contiguous()
         self.grid = grid
         if preload:
-            for pair in self.pairs:
-                for s in (pair.fixed, pair.moving):
-                    self._load(s.image, False)
-                    if s.labels is not None:
-                        self._load(s.labels, True)
+            for i in range(len(self.pairs)):
+                self[i]
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -201,18 +209,32 @@ class PairDataset(Dataset):
     def has_labels(self) -> bool:
         return all(p.fixed.labels is not None and p.moving.labels is not None for p in self.pairs)
 
-    def _load(self, path: Path, labels: bool) -> torch.Tensor:
-        key = (path, labels)
+    def _read(self, path: Path) -> Image:
+        img = read_image(path)
+        if img.ndim != self.grid.ndim:
+            raise InputError(f"{path}: {img.ndim}D image in a dataset of {self.grid.ndim}D images")
+        return img
+
+    def _transform(self, pair: PairSpec) -> SpatialTransform | None:
+        """The pre-alignment of ``pair`` (computed once), or None without ``prealign``."""
+        if self.prealign is None:
+            return None
+        key = f"{pair.fixed.name}/{pair.moving.name}"
+        if key not in self.prealignments:
+            fixed, moving = self._read(pair.fixed.image), self._read(pair.moving.image)
+            self.prealignments[key] = self.prealign(fixed, moving)
+        return self.prealignments[key]
+
+    def _load(self, path: Path, labels: bool, pair: PairSpec | None = None) -> torch.Tensor:
+        """``path`` on the network grid; a moving file of ``pair`` goes through its
+        pre-alignment (cached per fixed image)."""
+        transform = self._transform(pair) if pair is not None else None
+        key = (path, labels, pair.fixed.image if transform is not None else None)
         if key not in self._cache:
             if labels:
-                t = self.preprocessor.labels(read_labels(path), self.grid).data
+                t = self.preprocessor.labels(read_labels(path), self.grid, transform).data
             else:
-                img = read_image(path)
-                if img.ndim != self.grid.ndim:
-                    raise InputError(
-                        f"{path}: {img.ndim}D image in a dataset of {self.grid.ndim}D images"
-                    )
-                t = self.preprocessor.image(img, self.grid).data
+                t = self.preprocessor.image(self._read(path), self.grid, transform).data
             self._cache[key] = t.contiguous()
         return self._cache[key]
 
@@ -220,13 +242,13 @@ class PairDataset(Dataset):
         pair = self.pairs[index]
         item = {
             "fixed": self._load(pair.fixed.image, False),
-            "moving": self._load(pair.moving.image, False),
+            "moving": self._load(pair.moving.image, False, pair),
             "index": int(index),
             "names": (pair.fixed.name, pair.moving.name),
         }
         if pair.fixed.labels is not None and pair.moving.labels is not None:
             item["fixed_labels"] = self._load(pair.fixed.labels, True)
-            item["moving_labels"] = self._load(pair.moving.labels, True)
+            item["moving_labels"] = self._load(pair.moving.labels, True, pair)
         return item
 
 
@@ -237,10 +259,11 @@ def _batch_type():
 
 
 def collate_pairs(items: Sequence[dict]):
-    """Stack dataset items into a ``RegistrationBatch`` (labels only if every item has them)."""
+    """Stack dataset items into a ``RegistrationBatch`` (labels and ``target`` only if every
+    item has them)."""
     if not items:
         raise ValueError("collate_pairs: empty batch")
     stack = {k: torch.stack([it[k] for it in items]) for k in ("fixed", "moving")}
-    for k in ("fixed_labels", "moving_labels"):
+    for k in ("fixed_labels", "moving_labels", "target"):
         stack[k] = torch.stack([it[k] for it in items]) if all(k in it for it in items) else None
     return _batch_type()(**stack)

@@ -37,6 +37,7 @@ import torch
 
 from learnreg.core.grid import Grid
 from learnreg.core.image import Image
+from learnreg.spatial.base import SpatialTransform
 from learnreg.spatial.displacement import DisplacementField
 from learnreg.spatial.filters import gaussian_blur
 from learnreg.spatial.sampling import resample
@@ -184,11 +185,14 @@ class Preprocessor:
         """The network grid for a reference image (usually the fixed image or the atlas)."""
         return self.network.grid_for(reference.grid if isinstance(reference, Image) else reference)
 
-    def image(self, image: Image, grid: Grid | None = None) -> Image:
+    def image(
+        self, image: Image, grid: Grid | None = None, transform: SpatialTransform | None = None
+    ) -> Image:
         """Normalize ``image`` and resample it onto ``grid`` (default: its own network grid).
 
-        Returns a float32 ``Image`` of one channel on ``grid``; outside the input's field of
-        view the value is 0 (after normalization, i.e. the low percentile).
+        ``transform`` (grid world → image world, e.g. an affine pre-alignment) is applied in
+        the same resampling. Returns a float32 ``Image`` of one channel on ``grid``; outside
+        the input's field of view the value is 0 (after normalization, i.e. the low percentile).
         """
         grid = self.grid_for(image) if grid is None else grid
         data = image.data.to(torch.float32)
@@ -201,10 +205,11 @@ class Preprocessor:
             sigma = self._antialias_sigma(image.grid, grid)
             if any(s > 0 for s in sigma):
                 src = src.with_data(gaussian_blur(data.unsqueeze(0), sigma)[0])
-        return resample(src, grid, mode="linear", padding="zeros")
+        return resample(src, grid, transform, mode="linear", padding="zeros")
 
-    def labels(self, labels: Image, grid: Grid) -> Image:
-        """Resample a label map onto ``grid`` label-safely (one-hot linear + argmax); int64."""
+    def labels(self, labels: Image, grid: Grid, transform: SpatialTransform | None = None) -> Image:
+        """Resample a label map onto ``grid`` label-safely (one-hot linear + argmax), through
+        an optional ``transform`` (grid world → label world); int64."""
         lab = labels.data
         if lab.is_floating_point():
             lab = lab.round()
@@ -212,6 +217,10 @@ class Preprocessor:
         if lab.shape[0] != 1:
             raise ValueError(f"{labels.name}: label maps must have one channel")
         world = grid.world_points(torch.float64, lab.device)
+        if transform is not None:
+            with torch.no_grad():
+                shape = world.shape
+                world = transform(world.reshape(1, -1, grid.ndim).float()).double().reshape(shape)
         idx = labels.grid.world_to_index(world).unsqueeze(0)
         return Image(sample_labels_index(lab.unsqueeze(0), idx)[0], grid, labels.name)
 

@@ -33,13 +33,16 @@ class RegistrationBatch:
     """What datasets yield, collated: images ``(N, 1, *S)`` on the network grid.
 
     ``fixed_labels`` / ``moving_labels`` are optional ``(N, 1, *S)`` int64 label maps used for
-    weak supervision or validation only.
+    weak supervision or validation only. ``target`` is the known answer of supervised
+    methods (e.g. the parameters or control-point displacements of the transform that made
+    ``moving`` from ``fixed``), ``(N, ...)`` in a layout the method defines.
     """
 
     fixed: Tensor
     moving: Tensor
     fixed_labels: Tensor | None = None
     moving_labels: Tensor | None = None
+    target: Tensor | None = None
 
     def to(self, device: torch.device | str) -> RegistrationBatch:
         return type(self)(**{f.name: _move(getattr(self, f.name), device) for f in fields(self)})

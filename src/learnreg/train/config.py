@@ -44,6 +44,7 @@ __all__ = ["DataConfig", "OptimizerConfig", "TrainConfig", "parse_override"]
 _DEVICES = ("auto", "cpu", "cuda")
 _OPTIMIZERS = ("adam", "adamw", "sgd")
 _ORIENTATIONS = ("RAS", "native")
+_PREALIGN = (None, "rigid", "affine")
 
 
 @dataclass
@@ -54,6 +55,8 @@ class DataConfig:
     (default: all images for training, none for validation) and an optional ``atlas``
     (atlas-to-subject; without it every ordered pair of training subjects), or ``train_csv``
     (+ ``val_csv``) files of pairs. Relative paths are relative to the YAML file.
+    ``prealign`` (``rigid`` or ``affine``) registers each moving image to its fixed image with
+    that classical preset first, as prediction does before the network runs.
     """
 
     images: str | None = None
@@ -68,6 +71,7 @@ class DataConfig:
     orientation: str = "RAS"
     levels: int = 4
     percentiles: list[float] | None = field(default_factory=lambda: [1.0, 99.0])
+    prealign: str | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self) -> DataConfig:
@@ -81,6 +85,10 @@ class DataConfig:
             )
         if self.levels < 0:
             raise InputError(f"config data.levels must be >= 0, got {self.levels}")
+        if self.prealign not in _PREALIGN:
+            raise InputError(
+                f"config data.prealign must be one of {_PREALIGN}, got {self.prealign!r}"
+            )
         return self
 
 

@@ -108,11 +108,23 @@ def build_datasets(
                 raise InputError("subject-to-subject training needs at least two subjects")
             train_pairs = subject_pairs(train)
             val_pairs = subject_pairs(val) if len(val) >= 2 else []
-    train_set = PairDataset(train_pairs, pre, preload=preload)
+    prealign = _prealigner(data.prealign)
+    train_set = PairDataset(train_pairs, pre, preload=preload, prealign=prealign)
     val_set = (
-        PairDataset(val_pairs, pre, grid=train_set.grid, preload=preload) if val_pairs else None
+        PairDataset(val_pairs, pre, grid=train_set.grid, preload=preload, prealign=prealign)
+        if val_pairs
+        else None
     )
     return train_set, val_set
+
+
+def _prealigner(preset: str | None):
+    """``(fixed, moving) → affine`` by the classical ``preset``, or None."""
+    if preset is None:
+        return None
+    from learnreg.optimize.classical import register
+
+    return lambda fixed, moving: register(fixed, moving, preset).linear()
 
 
 def _seed_all(seed: int) -> None:
