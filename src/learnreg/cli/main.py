@@ -58,12 +58,43 @@ def register(
     moving_labels: Annotated[
         Path | None, typer.Option(help="Label map of the moving image (warped and scored).")
     ] = None,
+    method: Annotated[
+        str,
+        typer.Option(
+            help="auto (a shipped pretrained model when the images suit it, else classical), "
+            "classical, or a shipped model / method name (see `learnreg methods`)."
+        ),
+    ] = "auto",
+    model: Annotated[
+        Path | None,
+        typer.Option(help="A trained model: checkpoint of `learnreg train` or model folder."),
+    ] = None,
+    refine: Annotated[
+        int,
+        typer.Option(help="Instance-optimization steps that start from the network's prediction."),
+    ] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
 ) -> None:
-    """Register MOVING to FIXED; write the warped image, ITK/ANTs transforms, QC and metrics."""
+    """Register MOVING to FIXED; write the warped image, ITK/ANTs transforms, QC and metrics.
+
+    By default a shipped pretrained network registers T1 brain MRI it suits (after affine
+    alignment); other images are registered classically. The command says which it used.
+    """
     from learnreg.cli.register import run_register
 
-    run_register(fixed, moving, output, preset, config, fixed_labels, moving_labels, quiet)
+    run_register(
+        fixed,
+        moving,
+        output,
+        preset,
+        config,
+        fixed_labels,
+        moving_labels,
+        quiet,
+        method=method,
+        model_path=model,
+        refine=refine,
+    )
 
 
 @app.command()

@@ -267,7 +267,7 @@ def resolve_method(spec: str | Method) -> Method:
     if not sep or not arg:
         raise InputError(
             f"--method {spec!r}: expected KIND:ARGUMENT with KIND one of {', '.join(method_kinds())}"
-            " (e.g. classical:default, ants:SyN, transforms:DIR)"
+            " (e.g. classical:default, ants:SyN, transforms:DIR, model:NAME,refine=N)"
         )
     if kind not in _REGISTRY:
         raise InputError(
@@ -400,6 +400,42 @@ class AntsMethod:
             result = read_result_folder(tmp, fixed, moving)
         result.info.update(method=self.name, seconds=seconds)
         return result
+
+
+@dataclass
+class ModelMethod:
+    """A trained network (shipped name, model folder or checkpoint), optionally refined:
+    spec ``model:NAME[,refine=N]``."""
+
+    model: str
+    refine: int = 0
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        from learnreg.zoo.models import load_model
+
+        if self.refine < 0:
+            raise InputError(f"--method model:{self.model}: refine must be >= 0")
+        self._model = load_model(self.model)
+        suffix = f",refine={self.refine}" if self.refine else ""
+        self.name = self.name or f"model:{Path(self.model).name}{suffix}"
+
+    def register(self, fixed: Image, moving: Image, pair: Pair | None = None):
+        from learnreg.zoo.predict import predict
+
+        return predict(fixed, moving, self._model, self.refine)
+
+
+@register_method("model")
+def _model(arg: str) -> Method:
+    name, _, options = arg.partition(",")
+    refine = 0
+    for opt in filter(None, (o.strip() for o in options.split(","))):
+        key, _, value = opt.partition("=")
+        if key != "refine" or not value.strip().isdigit():
+            raise InputError(f"--method model:{arg}: options are refine=N, got {opt!r}")
+        refine = int(value)
+    return ModelMethod(name, refine)
 
 
 @register_method("classical")

@@ -131,6 +131,18 @@ class RegistrationMethod(nn.Module):
         """Named loss terms for ``batch`` and its ``output``; must contain ``"total"``."""
         raise NotImplementedError  # pragma: no cover
 
+    def inverse_displacement(self, output: MethodOutput) -> Tensor:
+        """The displacement undoing ``output.displacement`` (moving→fixed), on the same grid.
+
+        Default: the ``"backward_displacement"`` extra when the method made one, else
+        iterative inversion; methods predicting a velocity override it with ``exp(−v)``.
+        """
+        if "backward_displacement" in output.extras:
+            return output.extras["backward_displacement"]
+        from learnreg.spatial.fields import invert_displacement
+
+        return invert_displacement(output.displacement, 50, 1e-3, "border").displacement
+
     @torch.no_grad()
     def predict(self, fixed: Tensor, moving: Tensor) -> MethodOutput:
         """Eval-mode forward without gradients (no sampling noise); restores the mode."""

@@ -40,6 +40,7 @@ def register(
     config: ClassicalConfig | str = "default",
     initial: AffineTransform | None = None,
     progress: Progress | None = None,
+    initial_field: DisplacementField | None = None,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` by iterative optimization.
 
@@ -48,6 +49,10 @@ def register(
         config: a :class:`ClassicalConfig` or the name of a preset.
         initial: starting affine (world, fixed→moving); default aligns centres of mass.
         progress: optional callback for progress display.
+        initial_field: a starting velocity (``svf`` stage) or displacement (``displacement``
+            stage) in the fixed image's world space, e.g. a network's prediction, on any
+            grid; the deformable stage optimizes a smooth residual added to it
+            (refinement). It is applied before the affine, as the result's field is.
     """
     cfg = preset(config) if isinstance(config, str) else config.validate()
     check_pair(fixed, moving)
@@ -65,7 +70,9 @@ def register(
         affine = AffineTransform(matrix)
         fwd = inv = None
         if cfg.deformable is not None:
-            fwd, inv = _svf_stage(f, m, affine, cfg.deformable, cfg.mi_bins, progress)
+            fwd, inv = _svf_stage(
+                f, m, affine, cfg.deformable, cfg.mi_bins, progress, initial_field
+            )
     info = {"method": "classical", "config": cfg.to_dict(), "seconds": time.perf_counter() - t0}
     return RegistrationResult(fixed.grid, moving.grid, affine, fwd, inv, info)
 
@@ -169,12 +176,17 @@ def _svf_stage(
     stage: DeformableStage,
     bins: int,
     progress: Progress | None,
+    initial: DisplacementField | None = None,
 ) -> tuple[DisplacementField, DisplacementField]:
     sim = _similarity(stage.metric, stage.window, bins)
     diffeomorphic = stage.model == "svf"
 
     def exp(v: torch.Tensor) -> torch.Tensor:
         return integrate_velocity(v, stage.steps) if diffeomorphic else v
+
+    def base_on(grid: Grid) -> torch.Tensor | float:
+        """The initial field in voxels of ``grid`` (what the residual is added to)."""
+        return 0.0 if initial is None else initial.resampled(grid).voxel_field().detach()
 
     velocity: torch.Tensor | None = None
     levels = zip(stage.shrink, stage.velocity_shrink, stage.iterations, strict=True)
@@ -186,6 +198,7 @@ def _svf_stage(
             velocity = torch.zeros(1, full.ndim, *vgrid.shape)
         elif tuple(velocity.shape[2:]) != vgrid.shape:
             velocity = resize_displacement(velocity, vgrid.shape)
+        base = base_on(vgrid)
         param = torch.nn.Parameter(velocity)
         opt = torch.optim.Adam([param], lr=stage.learning_rate)
         pts = affine(fl.grid.world_points().unsqueeze(0))
@@ -196,7 +209,7 @@ def _svf_stage(
         target = fl.batch()
         for it in range(iters):
             opt.zero_grad(set_to_none=True)
-            v = gaussian_blur(param, stage.velocity_sigma)
+            v = base + gaussian_blur(param, stage.velocity_sigma)
             u = resize_displacement(exp(v), fl.grid.shape)
             mapped = pts + u.movedim(1, -1) @ to_world.T
             warped = sample(ml.batch(), ml.grid.world_to_grid_sample(mapped))
@@ -208,7 +221,7 @@ def _svf_stage(
         velocity = param.detach()
     assert velocity is not None
     with torch.no_grad():
-        v = gaussian_blur(velocity, stage.velocity_sigma)
+        v = base + gaussian_blur(velocity, stage.velocity_sigma)
         grid = fixed.image.grid
         fwd = DisplacementField(grid, resize_displacement(exp(v), grid.shape))
         if diffeomorphic:  # exact inverse of exp(v) is exp(-v)

@@ -63,6 +63,18 @@ class DisplacementField(SpatialTransform):
         u = u.reshape(f.shape[0], self.ndim, -1).transpose(1, 2).reshape(points.shape)
         return points + u.to(points.dtype)
 
+    def resampled(self, grid: Grid) -> DisplacementField:
+        """The same world-space field on another ``grid`` (linear interpolation of the mm
+        vectors, zero outside this field's grid), in voxel units of ``grid``. Also moves
+        velocity fields between grids, since they transform the same way."""
+        if grid.ndim != self.ndim:
+            raise ValueError(f"resampled: a {self.ndim}D field cannot move to a {grid.ndim}D grid")
+        with torch.no_grad():
+            pts = grid.world_points(torch.float32, self.field.device).unsqueeze(0)
+            pts = pts.expand(self.field.shape[0], *pts.shape[1:])
+            u = self(pts) - pts
+        return DisplacementField.from_world(grid, u.movedim(-1, 1))
+
     def inverse(self, iterations: int = 50, tolerance: float = 1e-3) -> DisplacementField:
         """Iterative inverse on the same grid (see :func:`invert_displacement`).
 

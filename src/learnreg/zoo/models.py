@@ -1,0 +1,228 @@
+"""Trained models: the ones shipped with learnreg, and any checkpoint ``learnreg train`` wrote.
+
+A model is one learnreg checkpoint (:mod:`learnreg.train.checkpoint`, loaded with
+``weights_only=True``) holding the method's name and weights, the resolved training config
+(which says how pairs were pre-aligned) and, in ``extra``, the preprocessing that defines the
+network grid. Shipped models live in this package as ``zoo/<name>/model.pt`` beside their
+model card ``zoo/<name>/README.md``; their ``extra["card"]`` also records the training run,
+the validation metrics and the inputs the model suits (:meth:`PretrainedModel.unsuitable`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from learnreg.core.errors import InputError
+from learnreg.core.grid import Grid
+from learnreg.core.image import Image
+from learnreg.data.preprocess import NetworkGrid, Preprocessor
+from learnreg.methods.base import RegistrationMethod
+from learnreg.methods.registry import create_method
+from learnreg.train.checkpoint import load_checkpoint, save_checkpoint
+
+__all__ = [
+    "ZOO",
+    "PretrainedModel",
+    "available_models",
+    "load_model",
+    "export_model",
+    "background_fraction",
+    "model_summary",
+]
+
+ZOO = Path(__file__).resolve().parent
+"""Folder of the shipped models."""
+
+
+def available_models() -> list[str]:
+    """Names of the models shipped with learnreg."""
+    return sorted(p.parent.name for p in ZOO.glob("*/model.pt"))
+
+
+def background_fraction(image: Image) -> float:
+    """Fraction of voxels at (within 1 % of the range of) the image's minimum: large for
+    skull-stripped brains in a head-sized box, small for images with skull and neck."""
+    x = image.data[0].reshape(-1).float()
+    lo, hi = float(x.min()), float(x.max())
+    if not hi > lo:
+        return 1.0
+    return float((x <= lo + 0.01 * (hi - lo)).float().mean())
+
+
+@dataclass
+class PretrainedModel:
+    """A trained registration network with everything needed to apply it.
+
+    Attributes:
+        name: the zoo name, or the checkpoint's path.
+        method: the network (eval mode, on CPU).
+        preprocessor: how images are put on the network grid.
+        prealign: classical preset run before the network (``"affine"``, ``"rigid"``) or None.
+        reference: the network grid the model was trained on.
+        card: the model card's data (training run, metrics, suitability limits).
+        path: the checkpoint file.
+    """
+
+    name: str
+    method: RegistrationMethod
+    preprocessor: Preprocessor
+    prealign: str | None
+    reference: Grid
+    card: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def ndim(self) -> int:
+        return self.reference.ndim
+
+    def grid_for(self, fixed: Image) -> Grid:
+        """The network grid for a fixed image: the training spacing over its field of view."""
+        return self.preprocessor.grid_for(fixed)
+
+    def unsuitable(self, fixed: Image, moving: Image) -> str | None:
+        """Why this model should not register the pair (``None`` when it suits).
+
+        Checks the card's ``suits`` limits: dimensionality, single channel, voxel spacing no
+        coarser than ``max_spacing`` mm, field of view within ``extent`` times the training
+        grid's per axis, and at least ``min_background`` of each image at its minimum
+        (skull-stripped brains, like the training data).
+        """
+        suits = self.card.get("suits", {})
+        for im in (fixed, moving):
+            if im.ndim != self.ndim:
+                return f"{im.name} is {im.ndim}D, the model is {self.ndim}D"
+            if im.channels != 1:
+                return f"{im.name} has {im.channels} channels, the model takes one"
+            max_spacing = suits.get("max_spacing")
+            if max_spacing is not None and max(im.grid.spacing) > max_spacing:
+                return (
+                    f"{im.name} has {max(im.grid.spacing):.2f} mm voxels, coarser than the "
+                    f"model's limit of {max_spacing} mm"
+                )
+            extent = suits.get("extent")
+            if extent is not None:
+                ratio = sorted(np.asarray(im.grid.extent)) / np.sort(self.reference.extent)
+                if ratio.min() < extent[0] or ratio.max() > extent[1]:
+                    return (
+                        f"{im.name}'s field of view ({_mm(im.grid.extent)}) is unlike the "
+                        f"training images' ({_mm(self.reference.extent)})"
+                    )
+            min_bg = suits.get("min_background")
+            if min_bg is not None and background_fraction(im) < min_bg:
+                return (
+                    f"{im.name} does not look skull-stripped ({background_fraction(im):.0%} "
+                    f"background, the model expects at least {min_bg:.0%})"
+                )
+        return None
+
+
+def _mm(extent) -> str:
+    return "×".join(f"{float(e):.0f}" for e in extent) + " mm"
+
+
+def _resolve(name_or_path: str | os.PathLike) -> tuple[str, Path]:
+    p = Path(name_or_path)
+    if p.is_dir() and (p / "model.pt").is_file():
+        return str(p), p / "model.pt"
+    if p.is_file():
+        return str(p), p
+    name = str(name_or_path)
+    if (ZOO / name / "model.pt").is_file():
+        return name, ZOO / name / "model.pt"
+    known = ", ".join(available_models()) or "none"
+    raise InputError(
+        f"{name}: no such model file, folder, or shipped model (shipped models: {known})"
+    )
+
+
+def load_model(name_or_path: str | os.PathLike) -> PretrainedModel:
+    """A shipped model by name, a zoo-style folder, or a checkpoint of ``learnreg train``.
+
+    Raises :class:`InputError` for unknown names, unreadable or untrusted files, checkpoints
+    of other learnreg versions, and checkpoints without preprocessing records.
+    """
+    name, path = _resolve(name_or_path)
+    state = load_checkpoint(path)
+    extra = state.get("extra") or {}
+    config = state.get("config") or {}
+    pre = extra.get("preprocess")
+    grid = extra.get("grid")
+    if not isinstance(pre, dict) or not isinstance(grid, dict):
+        raise InputError(f"{path}: checkpoint lacks the preprocessing record of its training")
+    try:
+        method = create_method(state["method"], **(config.get("method_config") or {}))
+        method.load_state_dict(state["model"])
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(
+            f"{path}: cannot rebuild method {state['method']!r} ({msg[:200]})"
+        ) from None
+    method.eval()
+    net = pre["network"]
+    preprocessor = Preprocessor(
+        NetworkGrid(
+            None if net.get("shape") is None else tuple(net["shape"]),
+            None if net.get("spacing") is None else tuple(net["spacing"]),
+            net.get("orientation", "RAS"),
+            int(net.get("levels", 0)),
+        ),
+        pre.get("percentiles"),
+        bool(pre.get("antialias", True)),
+    )
+    prealign = (config.get("data") or {}).get("prealign")
+    return PretrainedModel(
+        name,
+        method,
+        preprocessor,
+        prealign,
+        Grid.from_dict(grid),
+        dict(extra.get("card") or {}),
+        path,
+    )
+
+
+def export_model(
+    checkpoint: str | os.PathLike, output: str | os.PathLike, card: dict | None = None
+) -> Path:
+    """Write a training checkpoint as a shippable model: weights, config and preprocessing,
+    with ``card`` (training record, metrics, ``suits`` limits) in ``extra``; no optimizer or
+    RNG state. Returns the written ``model.pt``."""
+    state = load_checkpoint(checkpoint)
+    extra = dict(state.get("extra") or {})
+    keep = {k: extra[k] for k in ("grid", "preprocess", "best_dice", "elapsed") if k in extra}
+    keep["card"] = card or {}
+    model = {k: v.detach().clone().contiguous() for k, v in state["model"].items()}
+    out = Path(output)
+    out = out / "model.pt" if out.suffix != ".pt" else out
+    return save_checkpoint(
+        out,
+        model=model,
+        method=state["method"],
+        step=state["step"],
+        config=state["config"],
+        rng={},
+        extra=_finite(keep),
+    )
+
+
+def _finite(x):
+    """Replace non-finite floats (``-inf`` best Dice of runs without validation) by None."""
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def model_summary(model: PretrainedModel) -> str:
+    """One line naming the model for logs and the CLI."""
+    card = model.card
+    what = card.get("title") or model.method.name
+    return f"{model.name} ({what})"
