@@ -1,0 +1,342 @@
+"""Synthetic homography pairs from real images: DeTone et al. (2016)'s training protocol.
+
+DeTone, Malisiewicz and Rabinovich, "Deep Image Homography Estimation" (arXiv:1606.03798):
+a grayscale image is resized to 320×240; a random square patch (128×128) is chosen at a
+position ``p`` at least ρ (= 32) pixels from the border; each of its four corners is moved by
+a random offset in ``[-ρ, ρ]²``; the homography ``H`` between the original and the perturbed
+corners warps the image, and the patch at ``p`` of the warped image is the second patch. The
+network regresses the eight corner offsets (the "4-point parameterization").
+
+In this package's convention (``ARCHITECTURE.md``) a transform maps fixed points to moving
+points and the network predicts it, so a pair is:
+
+- ``moving``: the plain crop, ``moving(y) = I(p + y)``;
+- ``fixed``: the image sampled in the perturbed quadrilateral,
+  ``fixed(x) = I(p + T(x))`` where ``T`` maps each patch corner ``c_k`` to ``c_k + δ_k``;
+- ``target``: the offsets ``δ`` ``(4, 2)`` of ``T`` at the corners ``c`` (:func:`patch_corners`:
+  the voxel centres ``(0, 0), (0, P−1), (P−1, P−1), (P−1, 0)``, in index ``(i, j)`` order,
+  voxel units of the item's grid), so that ``moving(T(x)) = fixed(x)``: DeTone's pair with
+  the warped patch as the fixed image and ``H_4pt`` as the fixed→moving corner offsets.
+
+The fixed patch lies inside the image by construction (``p`` is at least ρ from the border);
+the moving patch misses part of what the fixed one shows near its border, as in DeTone's data.
+
+``downsample=f`` area-averages both patches by ``f`` after generating them at full size and
+expresses ``target`` (and ``homography``) on the coarse grid (whose voxel ``x`` covers full
+voxels ``f x + (f−1)/2``): the same random pairs as ``downsample=1`` with the same seed, at
+a resolution a CPU network can afford. (DeTone evaluated the same way: networks trained on
+128×128 patches run on 2× downsampled 256×256 test patches.)
+
+Sources (grayscale in [0, 1], split by source image so that held-out pairs come from images
+never seen in training):
+
+- :func:`photo_images`: photographs bundled in the scikit-image wheel (``skimage.data``;
+  nothing is downloaded); scikit-image is needed only here (the ``[test]`` extra);
+- :func:`brain_slice_images`: the 2D brain MR slices of ANTs' examples (``ants2d/*.jpg``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from learnreg.core.errors import InputError
+from learnreg.core.grid import Grid
+from learnreg.data.preprocess import NetworkGrid, Preprocessor
+from learnreg.spatial.homography import Homography
+from learnreg.spatial.sampling import sample_index
+
+__all__ = [
+    "PHOTOS",
+    "BRAIN_SLICES",
+    "SPLITS",
+    "patch_corners",
+    "photo_images",
+    "brain_slice_images",
+    "HomographyPairs",
+    "homography_pairs",
+]
+
+SPLITS = ("train", "heldout", "all")
+
+#: scikit-image photographs by split. Not used: ``microaneurysms`` (102×102, too small),
+#: ``horse``/``logo``/``chessboard`` (not photographs), the right motorcycle view (the same
+#: scene as the held-out left view).
+PHOTOS: dict[str, tuple[str, ...]] = {
+    "train": (
+        "astronaut",
+        "brick",
+        "cell",
+        "chelsea",
+        "clock",
+        "grass",
+        "gravel",
+        "hubble_deep_field",
+        "immunohistochemistry",
+        "moon",
+        "page",
+        "retina",
+        "rocket",
+        "text",
+    ),
+    "heldout": ("camera", "coffee", "coins", "motorcycle_left"),
+}
+
+#: ANTs' 2D brain slices (``r16slice.jpg`` …) by split.
+BRAIN_SLICES: dict[str, tuple[str, ...]] = {
+    "train": ("r16slice", "r27slice", "r30slice", "r62slice", "r64slice"),
+    "heldout": ("r85slice",),
+}
+
+_DEFAULT_ANTS2D = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "ants2d"
+
+
+def _names(table: Mapping[str, tuple[str, ...]], split: str) -> tuple[str, ...]:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return table["train"] + table["heldout"] if split == "all" else table[split]
+
+
+def _resize(image: torch.Tensor, size: Sequence[int] | None) -> torch.Tensor:
+    """``(H, W)`` float image resized (antialiased bilinear) to ``size``, or unchanged."""
+    if size is None or tuple(image.shape) == tuple(size):
+        return image
+    out = F.interpolate(
+        image[None, None], size=tuple(int(s) for s in size), mode="bilinear", antialias=True
+    )
+    return out[0, 0].clamp(0, 1)
+
+
+def _check_size(image_size: Sequence[int] | None) -> tuple[int, int] | None:
+    if image_size is None:
+        return None
+    size = tuple(int(s) for s in image_size)
+    if len(size) != 2 or any(s < 1 for s in size):
+        raise ValueError(f"image_size must be (rows, cols), got {tuple(image_size)}")
+    return size  # type: ignore[return-value]
+
+
+def photo_images(
+    split: str = "train", image_size: Sequence[int] | None = (240, 320)
+) -> dict[str, torch.Tensor]:
+    """Grayscale photographs of ``skimage.data`` (bundled files only), ``name → (H, W)``.
+
+    ``split``: ``"train"``, ``"heldout"`` or ``"all"`` (see :data:`PHOTOS`); ``image_size``:
+    ``(rows, cols)`` every image is resized to (DeTone: 240×320), or None to keep sizes.
+    Needs scikit-image.
+    """
+    try:
+        from skimage import color
+        from skimage import data as skdata
+    except ImportError as e:  # pragma: no cover - scikit-image is in the test extra
+        raise ImportError("photo_images needs scikit-image (pip install 'learnreg[test]')") from e
+    size = _check_size(image_size)
+    out = {}
+    for name in _names(PHOTOS, split):
+        a = skdata.stereo_motorcycle()[0] if name == "motorcycle_left" else getattr(skdata, name)()
+        a = np.asarray(a)
+        if a.ndim == 3:
+            a = color.rgb2gray(a[..., :3])  # float in [0, 1]
+        else:
+            a = a.astype(np.float64) / (255.0 if a.dtype == np.uint8 else max(a.max(), 1))
+        out[name] = _resize(torch.from_numpy(np.ascontiguousarray(a)).float(), size)
+    return out
+
+
+def brain_slice_images(
+    split: str = "train",
+    image_size: Sequence[int] | None = (240, 320),
+    folder: str | os.PathLike | None = None,
+) -> dict[str, torch.Tensor]:
+    """ANTs' 2D brain slices, ``name → (H, W)`` in [0, 1] (see :data:`BRAIN_SLICES`).
+
+    ``folder``: where the ``*.jpg`` files are (default ``$LEARNREG_DATA/ants2d``, else the
+    shared data folder next to the repository). Read with :func:`learnreg.io.images.
+    read_image`, so axis 0 is the image's x (SimpleITK's order transposed at the I/O
+    boundary); for homography pairs that is just another image.
+    """
+    from learnreg.io.images import read_image
+
+    if folder is None:
+        env = os.environ.get("LEARNREG_DATA")
+        folder = Path(env) / "ants2d" if env else _DEFAULT_ANTS2D
+    folder = Path(folder)
+    size = _check_size(image_size)
+    out = {}
+    for name in _names(BRAIN_SLICES, split):
+        path = folder / f"{name}.jpg"
+        if not path.is_file():
+            raise InputError(f"{path}: brain slice not found (set LEARNREG_DATA or folder)")
+        a = read_image(path).data[0]
+        lo, hi = float(a.min()), float(a.max())
+        out[name] = _resize((a - lo) / max(hi - lo, 1e-8), size)
+    return out
+
+
+def patch_corners(size: int | Sequence[int], dtype=torch.float32, device=None) -> torch.Tensor:
+    """The 4 corners ``(4, 2)`` of a patch of ``size`` voxels, index ``(i, j)`` order.
+
+    Voxel centres ``(0, 0), (0, W−1), (H−1, W−1), (H−1, 0)`` (align_corners convention).
+    """
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return torch.tensor(
+        [[0.0, 0.0], [0.0, w - 1.0], [h - 1.0, w - 1.0], [h - 1.0, 0.0]],
+        dtype=dtype,
+        device=device,
+    )
+
+
+class HomographyPairs(Dataset):
+    """DeTone's random patch + random corner perturbation pairs, as a reproducible Dataset.
+
+    Args:
+        images: ``name → (H, W)`` grayscale images (e.g. :func:`photo_images`), all at least
+            ``patch_size + 2 rho`` in each dimension.
+        length: number of items; item ``i`` is a pure function of ``(seed, i)``, so a
+            training run sees ``length`` different pairs and an evaluation set is fixed.
+        patch_size: side of the square patch at full resolution (DeTone: 128).
+        rho: maximum corner perturbation in full-resolution pixels (DeTone: 32); the patch
+            position keeps ``rho`` pixels from every border.
+        downsample: integer factor by which both patches are area-averaged (``target`` is on
+            the coarse grid); ``patch_size`` must be divisible by it.
+        seed: seed of the whole set.
+
+    Items are dicts ``{"fixed", "moving"}`` ``(1, P, P)`` float32 (``P = patch_size //
+    downsample``), ``"target"`` ``(4, 2)`` corner offsets (voxels, index order, fixed→moving
+    at :func:`patch_corners`), ``"homography"`` ``(3, 3)`` the matrix of that map on the
+    item grid, ``"origin"`` ``(2,)`` the patch position ``p`` (full-resolution index),
+    ``"index"`` and ``"names"`` ``(source, source)``: what
+    :func:`learnreg.data.datasets.collate_pairs` stacks into a ``RegistrationBatch``
+    (``target`` included). :attr:`grid` is the network grid (unit spacing) and
+    :attr:`preprocessor` describes it, as the trainer expects of a dataset.
+    """
+
+    def __init__(
+        self,
+        images: Mapping[str, torch.Tensor],
+        length: int = 1000,
+        patch_size: int = 128,
+        rho: float = 32.0,
+        downsample: int = 1,
+        seed: int = 0,
+    ) -> None:
+        if not images:
+            raise ValueError("HomographyPairs: no images")
+        if length < 1:
+            raise ValueError(f"HomographyPairs: length must be >= 1, got {length}")
+        if patch_size < 2 or rho < 0:
+            raise ValueError(
+                f"HomographyPairs: need patch_size >= 2 and rho >= 0, got {patch_size}, {rho}"
+            )
+        if downsample < 1 or patch_size % downsample:
+            raise ValueError(
+                f"HomographyPairs: downsample ({downsample}) must be a positive divisor of "
+                f"patch_size ({patch_size})"
+            )
+        self.names = list(images)
+        self.images = []
+        margin = int(np.ceil(rho))
+        for n in self.names:
+            img = torch.as_tensor(images[n]).float()
+            if img.dim() != 2:
+                raise ValueError(
+                    f"HomographyPairs: image {n!r} must be 2D (H, W), got {tuple(img.shape)}"
+                )
+            if min(img.shape) < patch_size + 2 * margin:
+                raise ValueError(
+                    f"HomographyPairs: image {n!r} of size {tuple(img.shape)} is smaller than "
+                    f"patch_size + 2 rho = {patch_size + 2 * margin}"
+                )
+            self.images.append(img.contiguous())
+        self.length, self.patch_size, self.rho = int(length), int(patch_size), float(rho)
+        self.downsample, self.seed, self.margin = int(downsample), int(seed), margin
+        self.size = self.patch_size // self.downsample
+        self.grid = Grid((self.size, self.size))
+        self.preprocessor = Preprocessor(NetworkGrid(shape=self.grid.shape), percentiles=None)
+        pts = Grid((self.patch_size, self.patch_size)).index_points(torch.float64)
+        self._points = pts.reshape(1, -1, 2)  # full-resolution patch voxels (P², 2)
+        self._corners = patch_corners(self.patch_size, torch.float64)[None]
+        f = float(self.downsample)
+        # coarse voxel x covers full voxels f x + (f - 1)/2
+        self._scale = torch.tensor(
+            [[f, 0.0, (f - 1) / 2], [0.0, f, (f - 1) / 2], [0.0, 0.0, 1.0]], dtype=torch.float64
+        )
+
+    has_labels = False
+
+    def __len__(self) -> int:
+        return self.length
+
+    def draw(self, index: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """The random choices of item ``index``: source image, patch origin ``(2,)`` and
+        corner offsets ``(4, 2)`` (full resolution)."""
+        if not 0 <= index < self.length:
+            raise IndexError(f"HomographyPairs: index {index} out of range [0, {self.length})")
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + index) % (2**63 - 1))
+        k = int(torch.randint(len(self.images), (1,), generator=g))
+        h, w = self.images[k].shape
+        m, p = self.margin, self.patch_size
+        origin = torch.tensor(
+            [
+                int(torch.randint(m, h - m - p + 1, (1,), generator=g)),
+                int(torch.randint(m, w - m - p + 1, (1,), generator=g)),
+            ],
+            dtype=torch.float64,
+        )
+        offsets = (torch.rand(4, 2, generator=g, dtype=torch.float64) * 2 - 1) * self.rho
+        return k, origin, offsets
+
+    def __getitem__(self, index: int) -> dict:
+        k, origin, offsets = self.draw(int(index))
+        img = self.images[k][None, None]
+        t = Homography.from_corners(self._corners, self._corners + offsets[None])
+        pts = origin + t(self._points)  # (1, P², 2) full-resolution image index
+        p = self.patch_size
+        fixed = sample_index(img.double(), pts.view(1, p, p, 2)).float()[0]
+        i, j = int(origin[0]), int(origin[1])
+        moving = img[0, :, i : i + p, j : j + p].clone()
+        h = t.homogeneous()[0]
+        if self.downsample > 1:
+            f = self.downsample
+            fixed, moving = F.avg_pool2d(fixed, f), F.avg_pool2d(moving, f)
+            h = torch.linalg.inv(self._scale) @ h @ self._scale
+            h = h / h[2, 2]
+        corners = patch_corners(self.size, torch.float64)
+        target = Homography.from_matrix(h)(corners[None])[0] - corners
+        name = self.names[k]
+        return {
+            "fixed": fixed.contiguous(),
+            "moving": moving.contiguous(),
+            "target": target.float(),
+            "homography": h.float(),
+            "origin": origin.float(),
+            "index": int(index),
+            "names": (name, name),
+        }
+
+
+def homography_pairs(
+    source: str = "photos",
+    split: str = "train",
+    *,
+    image_size: Sequence[int] = (240, 320),
+    folder: str | os.PathLike | None = None,
+    **options,
+) -> HomographyPairs:
+    """:class:`HomographyPairs` of ``source`` — ``"photos"``, ``"brains"`` or ``"both"`` —
+    images of ``split``, resized to ``image_size``; ``options`` go to the dataset."""
+    valid = ("photos", "brains", "both")
+    if source not in valid:
+        raise ValueError(f"source must be one of {valid}, got {source!r}")
+    images: dict[str, torch.Tensor] = {}
+    if source in ("photos", "both"):
+        images.update(photo_images(split, image_size))
+    if source in ("brains", "both"):
+        images.update(brain_slice_images(split, image_size, folder))
+    return HomographyPairs(images, **options)

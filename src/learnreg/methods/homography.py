@@ -1,0 +1,414 @@
+"""Networks that regress a homography (the 4-corner parameterization) from an image pair.
+
+* ``homography-net`` (DeTone, Malisiewicz and Rabinovich, "Deep Image Homography
+  Estimation", RSS workshop / arXiv:1606.03798, 2016): a VGG-style two-channel network
+  (eight ``conv 3×3 → BN → ReLU`` layers of 64, 64, 64, 64, 128, 128, 128, 128 channels, 2×2
+  max pooling after every two but the last pair, dropout 0.5, FC 1024, FC 8) on the
+  channel-stacked patches regresses the eight corner offsets ``H_4pt``; supervised,
+  Euclidean (L2) loss against the known offsets.
+* ``homography-unsupervised`` (Nguyen, Chen, Shivakumar, Taylor and Kumar, "Unsupervised
+  Deep Homography", IEEE RA-L 2018): the same network; its corner offsets go through a
+  differentiable direct linear transform (:meth:`learnreg.spatial.homography.Homography.
+  from_corners`) to the 3×3 matrix, a spatial transformer warps the moving patch, and the
+  loss is the photometric L1 distance to the fixed patch — no ground truth.
+* ``homography-hierarchical`` (Nowruzi, Laganière and Japkowicz, "Homography Estimation
+  from Image Pairs with Hierarchical Convolutional Networks", ICCV workshops 2017): a stack
+  of twin (siamese) modules; module ``k`` sees the fixed patch and the moving patch re-warped
+  by the homography accumulated by modules ``1 … k−1`` and regresses the residual corner
+  offsets; supervised, L2 on each module's residual against the true residual.
+
+Conventions (``ARCHITECTURE.md``, :mod:`learnreg.data.synthetic`): the corner offsets ``δ``
+``(N, 4, 2)`` are those of the fixed→moving homography ``T`` at the patch corners
+:func:`~learnreg.data.synthetic.patch_corners` (voxel centres, index ``(i, j)`` order, voxel
+units), ``T(c_k) = c_k + δ_k``; ``forward`` returns the dense displacement ``T(x) − x``
+``(N, 2, H, W)`` and ``moving ∘ T``. ``extras``: ``"corners"`` (δ), ``"homography"`` (the
+matrices ``(N, 3, 3)``, ``H[2, 2] = 1``) and, for the hierarchy, ``"residuals"`` ``(N, K, 4, 2)``
+and ``"module_corners"`` (the accumulated δ after each module).
+
+Scaled down for CPUs (documented, configurable): the defaults are half of DeTone's sizes —
+64×64 patches (DeTone: 128×128), channels 32/64 (64/128), FC 512 (1024); passing DeTone's
+values reproduces the paper's network. The networks take a fixed input size (fully
+connected head): ``patch_size``. Outputs are scaled by ``offset_scale`` pixels (default
+``patch_size / 4``, DeTone's ρ = 32 for 128-pixel patches) so that the head regresses values
+of order one, and the L2 loss is computed on offsets in units of ``offset_scale``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from learnreg.core.grid import Grid
+from learnreg.methods.base import MethodOutput, RegistrationBatch, RegistrationMethod
+from learnreg.methods.registry import register_method
+from learnreg.nn.regression import ParameterRegressor
+from learnreg.spatial.homography import Homography
+from learnreg.spatial.sampling import warp
+
+__all__ = [
+    "patch_corners",
+    "corner_error",
+    "corners_to_homography",
+    "homography_displacement",
+    "HomographyNet",
+    "UnsupervisedHomographyNet",
+    "HierarchicalHomographyNet",
+]
+
+_DEFAULT_FEATURES = (32, 32, 32, 32, 64, 64, 64, 64)
+
+
+# ---------------------------------------------------------------------------- helpers
+def patch_corners(size: int | Sequence[int], dtype=torch.float32, device=None) -> Tensor:
+    """The 4 patch corners ``(4, 2)``: voxel centres ``(0, 0), (0, W−1), (H−1, W−1),
+    (H−1, 0)`` in index order — the same as :func:`learnreg.data.synthetic.patch_corners`
+    (repeated here so that ``methods`` does not depend on ``data``)."""
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return torch.tensor(
+        [[0.0, 0.0], [0.0, w - 1.0], [h - 1.0, w - 1.0], [h - 1.0, 0.0]],
+        dtype=dtype,
+        device=device,
+    )
+
+
+def corner_error(predicted: Tensor, target: Tensor) -> Tensor:
+    """Mean corner error per pair ``(N,)``: mean over the 4 corners of the Euclidean distance
+    between predicted and true corner offsets (``(N, 4, 2)`` or ``(N, 8)``), in their units."""
+    p, t = predicted.reshape(-1, 4, 2), target.reshape(-1, 4, 2)
+    if p.shape != t.shape:
+        raise ValueError(
+            f"corner_error: predicted {tuple(predicted.shape)} and target "
+            f"{tuple(target.shape)} must both hold (N, 4, 2) corner offsets"
+        )
+    return (p - t).norm(dim=-1).mean(dim=-1)
+
+
+def corners_to_homography(offsets: Tensor, size: int | Sequence[int]) -> Homography:
+    """The homography mapping the patch corners ``c`` to ``c + offsets`` (``(N, 4, 2)``):
+    the (differentiable, Hartley-normalized) direct linear transform."""
+    c = patch_corners(size, offsets.dtype, offsets.device)[None].expand(offsets.shape[0], 4, 2)
+    return Homography.from_corners(c, c + offsets)
+
+
+def homography_displacement(matrix: Tensor, shape: Sequence[int]) -> Tensor:
+    """Dense displacement ``T(x) − x`` ``(N, 2, *shape)`` in voxel units of a unit-spacing grid
+    of ``shape`` for homographies ``matrix`` ``(N, 3, 3)`` of index points."""
+    pts = Grid(tuple(shape)).index_points(matrix.dtype, matrix.device)[None]
+    mapped = Homography.from_matrix(matrix)(pts.expand(matrix.shape[0], *pts.shape[1:]))
+    return (mapped - pts).movedim(-1, 1)
+
+
+def _patch_size(value: int | Sequence[int]) -> tuple[int, int]:
+    size = (int(value), int(value)) if isinstance(value, int) else tuple(int(v) for v in value)
+    if len(size) != 2 or any(s < 2 for s in size):
+        raise ValueError(f"patch_size must be an int or (rows, cols) >= 2, got {value!r}")
+    return size  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------- base
+class _CornerRegression(RegistrationMethod):
+    """Shared pieces: input checks, the output from corner offsets, target handling."""
+
+    patch: tuple[int, int]
+    offset_scale: float
+
+    def _setup(self, patch_size: int | Sequence[int], offset_scale: float | None) -> None:
+        self.patch = _patch_size(patch_size)
+        scale = min(self.patch) / 4 if offset_scale is None else float(offset_scale)
+        if not scale > 0:
+            raise ValueError(f"offset_scale must be > 0, got {offset_scale}")
+        self.offset_scale = scale
+        self.resolve(offset_scale=scale)
+
+    def check_pair(self, fixed: Tensor, moving: Tensor) -> None:
+        if (
+            fixed.dim() != 4
+            or fixed.shape != moving.shape
+            or fixed.shape[1] != 1
+            or tuple(fixed.shape[2:]) != self.patch
+        ):
+            raise ValueError(
+                f"{self.name or type(self).__name__}: fixed and moving must both be 2D patches "
+                f"(N, 1, {self.patch[0]}, {self.patch[1]}) (patch_size); got "
+                f"{tuple(fixed.shape)} and {tuple(moving.shape)}"
+            )
+
+    def target_offsets(self, batch: RegistrationBatch) -> Tensor:
+        """``batch.target`` as ``(N, 4, 2)`` corner offsets (raises if absent or malformed)."""
+        t = batch.target
+        n = batch.fixed.shape[0]
+        if t is None:
+            raise ValueError(
+                f"{self.name}: supervised; the batch needs target = the (N, 4, 2) corner "
+                f"offsets (e.g. from learnreg.data.synthetic.HomographyPairs)"
+            )
+        if t.shape not in ((n, 4, 2), (n, 8)):
+            raise ValueError(
+                f"{self.name}: target must be (N, 4, 2) or (N, 8) corner offsets with "
+                f"N = {n}; got {tuple(t.shape)}"
+            )
+        return t.reshape(n, 4, 2).to(batch.fixed.dtype)
+
+    def output(self, moving: Tensor, matrix: Tensor, extras: dict) -> MethodOutput:
+        """The :class:`MethodOutput` of homographies ``matrix (N, 3, 3)``."""
+        disp = homography_displacement(matrix, self.patch)
+        c = patch_corners(self.patch, matrix.dtype, matrix.device)[None]
+        corners = Homography.from_matrix(matrix)(c.expand(matrix.shape[0], 4, 2)) - c
+        extras = {"corners": corners, "homography": matrix, **extras}
+        return MethodOutput(disp, warp(moving, disp), extras=extras)
+
+    def _regressor(self, mode, features, hidden, dropout, norm, pooling, coord_conv, split):
+        feats = [int(f) for f in features]
+        if len(feats) < 1:
+            raise ValueError("features must not be empty")
+        # downsample after every second conv block except the last pair (HomographyNet)
+        down = [i for i in range(1, len(feats) - 2, 2)]
+        enc: dict = {"mode": mode, "pooling": pooling, "norm": norm, "coord_conv": coord_conv}
+        if split is None:
+            enc.update(features=feats, downsample_after=down)
+        else:  # twin towers for the first `split` blocks, a merged trunk for the rest
+            enc.update(
+                features=feats[:split],
+                downsample_after=[i for i in down if i < split],
+                merge_features=feats[split:],
+                merge_downsample_after=[i - split for i in down if i >= split],
+            )
+        head = {"hidden": hidden, "dropout": dropout, "init_std": 1e-3}
+        return ParameterRegressor(2, self.patch, 8, enc, head)
+
+
+# ---------------------------------------------------------------------------- methods
+@register_method(
+    "homography-net",
+    year=2016,
+    ndim="2D",
+    transform="homography (4 corners)",
+    loss="L2 on corner offsets",
+    supervision="supervised (synthetic homographies)",
+    reference="DeTone et al., arXiv:1606.03798 (RSS workshop 2016)",
+    aliases=("homographynet", "detone"),
+)
+class HomographyNet(_CornerRegression):
+    """HomographyNet: VGG-style two-channel regression of the 4 corner offsets, L2 loss.
+
+    Args:
+        patch_size: input size (int or (rows, cols)); DeTone: 128 (default 64 for CPUs).
+        features: channels of the conv blocks; max pooling after every two but the last
+            pair; DeTone: ``(64, 64, 64, 64, 128, 128, 128, 128)`` (default: half).
+        hidden: fully connected layers before the output (DeTone: ``(1024,)``).
+        dropout: before and after the hidden layers (DeTone: 0.5).
+        norm: None or ``"batch"`` (DeTone) / ``"instance"`` / ``"group"``.
+        pooling: ``"max"`` (DeTone), ``"avg"``, ``"stride"``.
+        coord_conv: CoordConv first layer (for ablations).
+        offset_scale: the head's unit in pixels (default ``patch_size / 4``).
+    """
+
+    def __init__(
+        self,
+        patch_size: int | Sequence[int] = 64,
+        features: Sequence[int] = _DEFAULT_FEATURES,
+        hidden: Sequence[int] = (512,),
+        dropout: float = 0.5,
+        norm: str | None = "batch",
+        pooling: str = "max",
+        coord_conv: bool = False,
+        offset_scale: float | None = None,
+    ) -> None:
+        super().__init__()
+        self._setup(patch_size, offset_scale)
+        self.net = self._regressor(
+            "two-channel", features, hidden, dropout, norm, pooling, coord_conv, None
+        )
+
+    def predict_corners(self, fixed: Tensor, moving: Tensor) -> Tensor:
+        """Corner offsets ``(N, 4, 2)`` in pixels."""
+        return self.net(fixed, moving).view(-1, 4, 2) * self.offset_scale
+
+    def forward(self, fixed: Tensor, moving: Tensor) -> MethodOutput:
+        self.check_pair(fixed, moving)
+        offsets = self.predict_corners(fixed, moving)
+        h = corners_to_homography(offsets, self.patch).homogeneous()
+        out = self.output(moving, h, {})
+        out.extras["corners"] = offsets  # exactly the regressed values
+        return out
+
+    def loss(self, batch: RegistrationBatch, output: MethodOutput) -> dict[str, Tensor]:
+        target = self.target_offsets(batch)
+        pred = output.extras["corners"]
+        l2 = ((pred - target) / self.offset_scale).square().mean()
+        return {"total": l2, "l2": l2, "corner_error": corner_error(pred, target).mean().detach()}
+
+
+@register_method(
+    "homography-unsupervised",
+    year=2018,
+    ndim="2D",
+    transform="homography (4 corners → DLT)",
+    loss="photometric L1",
+    supervision="unsupervised",
+    reference="Nguyen et al., IEEE RA-L 2018",
+    aliases=("unsupervised-homography", "nguyen"),
+)
+class UnsupervisedHomographyNet(HomographyNet):
+    """Unsupervised deep homography: corner offsets → differentiable DLT → spatial
+    transformer; photometric L1 loss.
+
+    Arguments as :class:`HomographyNet`. Nguyen et al. warp the whole image ``I_A`` and crop,
+    so every pixel of the fixed patch has a partner; with only the moving patch at hand the L1
+    is averaged over the fixed pixels whose mapped point falls inside the moving patch (a
+    mask: the warped patch of ones, not differentiated). ``batch.target``, when present, is
+    only reported (``corner_error``), never used in the loss.
+    """
+
+    def loss(self, batch: RegistrationBatch, output: MethodOutput) -> dict[str, Tensor]:
+        with torch.no_grad():
+            mask = warp(torch.ones_like(batch.moving), output.displacement)
+        l1 = (mask * (output.warped - batch.fixed).abs()).sum() / mask.sum().clamp(min=1.0)
+        out = {"total": l1, "l1": l1}
+        if batch.target is not None:
+            out["corner_error"] = corner_error(
+                output.extras["corners"].detach(), self.target_offsets(batch)
+            ).mean()
+        return out
+
+
+@register_method(
+    "homography-hierarchical",
+    year=2017,
+    ndim="2D",
+    transform="homography (stacked residual 4 corners)",
+    loss="L2 on residual corner offsets (per module)",
+    supervision="supervised (synthetic homographies)",
+    reference="Nowruzi et al., ICCV workshops 2017",
+    aliases=("hierarchical-homography", "nowruzi"),
+)
+class HierarchicalHomographyNet(_CornerRegression):
+    """Stacked twin (siamese) networks, each refining the residual homography on the re-warped
+    moving patch.
+
+    Args:
+        levels: number of stacked modules (Nowruzi et al. used up to 4; default 2 for CPUs).
+        patch_size, hidden, dropout, norm, pooling, coord_conv, offset_scale: as
+            :class:`HomographyNet`.
+        features: conv blocks of one module: the first ``tower_depth`` form the twin tower
+            applied to each image with shared weights, the rest a trunk on the concatenated
+            features (HomographyNet's layout split in two).
+        tower_depth: number of conv blocks in each twin tower.
+        residual_scale: module ``k`` regresses in units of
+            ``offset_scale × residual_scale**k`` pixels (the residuals shrink; its loss is
+            computed in those units).
+        siamese: share the towers' weights (True, Nowruzi) or not (pseudo-siamese).
+
+    Modules are separated by stopped gradients: module ``k``'s input (the moving patch warped
+    by the detached accumulated homography) and loss (its own residual) depend only on its
+    own weights, as in Nowruzi et al., who train the modules one after another.
+    :meth:`set_trainable_levels` freezes all but chosen modules (their weights and batch-norm
+    statistics) to reproduce that sequential schedule; by default all train at once.
+    """
+
+    def __init__(
+        self,
+        levels: int = 2,
+        patch_size: int | Sequence[int] = 64,
+        features: Sequence[int] = _DEFAULT_FEATURES,
+        tower_depth: int = 4,
+        hidden: Sequence[int] = (512,),
+        dropout: float = 0.5,
+        norm: str | None = "batch",
+        pooling: str = "max",
+        coord_conv: bool = False,
+        offset_scale: float | None = None,
+        residual_scale: float = 0.5,
+        siamese: bool = True,
+    ) -> None:
+        super().__init__()
+        if int(levels) < 1:
+            raise ValueError(f"levels must be >= 1, got {levels}")
+        if not 0 < int(tower_depth) < len(features):
+            raise ValueError(
+                f"tower_depth must be in [1, len(features) - 1 = {len(features) - 1}], "
+                f"got {tower_depth}"
+            )
+        if not residual_scale > 0:
+            raise ValueError(f"residual_scale must be > 0, got {residual_scale}")
+        self._setup(patch_size, offset_scale)
+        self.levels, self.residual_scale = int(levels), float(residual_scale)
+        mode = "siamese" if siamese else "pseudo-siamese"
+        self.stages = nn.ModuleList(
+            self._regressor(
+                mode, features, hidden, dropout, norm, pooling, coord_conv, int(tower_depth)
+            )
+            for _ in range(self.levels)
+        )
+        self.trainable_levels: tuple[int, ...] = tuple(range(self.levels))
+
+    def level_scale(self, k: int) -> float:
+        return self.offset_scale * self.residual_scale**k
+
+    def set_trainable_levels(self, levels: Iterable[int]) -> None:
+        """Train only modules ``levels`` (0-based); the others keep their weights and run in
+        eval mode (batch-norm statistics frozen)."""
+        chosen = tuple(sorted({int(k) for k in levels}))
+        if not chosen or any(not 0 <= k < self.levels for k in chosen):
+            raise ValueError(f"levels must be a non-empty subset of 0..{self.levels - 1}")
+        self.trainable_levels = chosen
+        for k, stage in enumerate(self.stages):
+            stage.requires_grad_(k in chosen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> HierarchicalHomographyNet:
+        super().train(mode)
+        for k, stage in enumerate(self.stages):
+            if k not in self.trainable_levels:
+                stage.eval()
+        return self
+
+    def forward(self, fixed: Tensor, moving: Tensor) -> MethodOutput:
+        self.check_pair(fixed, moving)
+        n = fixed.shape[0]
+        eye = torch.eye(3, dtype=fixed.dtype, device=fixed.device)
+        acc = eye.expand(n, 3, 3)
+        residuals, accumulated, inputs = [], [], []
+        c = patch_corners(self.patch, fixed.dtype, fixed.device)[None].expand(n, 4, 2)
+        for k, stage in enumerate(self.stages):
+            prior = acc.detach()
+            warped_k = (
+                moving if k == 0 else warp(moving, homography_displacement(prior, self.patch))
+            )
+            res = stage(fixed, warped_k).view(n, 4, 2) * self.level_scale(k)
+            r = corners_to_homography(res, self.patch).homogeneous()
+            acc = prior @ r  # x ↦ prior(r(x)): the residual acts first, on the fixed grid
+            acc = acc / acc[:, 2:, 2:]
+            residuals.append(res)
+            accumulated.append(Homography.from_matrix(acc)(c) - c)
+            inputs.append(prior)
+        extras = {
+            "residuals": torch.stack(residuals, 1),
+            "module_corners": torch.stack(accumulated, 1),
+            "priors": torch.stack(inputs, 1),
+        }
+        return self.output(moving, acc, extras)
+
+    def loss(self, batch: RegistrationBatch, output: MethodOutput) -> dict[str, Tensor]:
+        target = self.target_offsets(batch)
+        n = target.shape[0]
+        c = patch_corners(self.patch, target.dtype, target.device)[None].expand(n, 4, 2)
+        true = Homography.from_corners(c, c + target).homogeneous()
+        out: dict[str, Tensor] = {}
+        total = target.new_zeros(())
+        for k in range(self.levels):
+            prior = output.extras["priors"][:, k]
+            # true residual: prior⁻¹ ∘ T*, the map module k should regress
+            residual = Homography.from_matrix(torch.linalg.inv(prior) @ true)(c) - c
+            pred = output.extras["residuals"][:, k]
+            l2 = ((pred - residual) / self.level_scale(k)).square().mean()
+            out[f"l2_{k}"] = l2
+            if k in self.trainable_levels:
+                total = total + l2
+            out[f"corner_error_{k}"] = corner_error(
+                output.extras["module_corners"][:, k].detach(), target
+            ).mean()
+        out["corner_error"] = out[f"corner_error_{self.levels - 1}"]
+        return {"total": total, **out}

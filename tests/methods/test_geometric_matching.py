@@ -1,0 +1,174 @@
+"""Geometric matching CNN (Rocco et al. 2017): affine and TPS regression from a correlation
+volume, trained on random warps of real photographs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from learnreg.data.datasets import collate_pairs
+from learnreg.data.random_warps import RandomWarpPairs, affine_points
+from learnreg.data.synthetic import photo_images
+from learnreg.methods.geometric_matching import (
+    GeometricMatching,
+    GlobalTransformModel,
+    affine_matrix,
+    matrix_to_affine_params,
+)
+from learnreg.methods.registry import create_method, method_info
+from learnreg.spatial.sampling import sample_index, warp
+
+S = 32
+SMALL = {
+    "shape": (S, S),
+    "features": (16, 16, 32, 32),
+    "downsample_after": (1, 3),
+    "regression_features": (32, 16),
+    "regression_kernels": (5, 3),
+}
+WARPS = {"rotation": 10.0, "translation": 3.0, "scale": 0.1, "shear": 0.05, "magnitude": 2.5}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return photo_images("train", (72, 96)), photo_images("heldout", (72, 96))
+
+
+def _heldout(photos, kind: str, n: int = 64):
+    ds = RandomWarpPairs(photos[1], kind, (S, S), n, seed=99, margin=8, **WARPS)
+    return ds, collate_pairs([ds[i] for i in range(n)])
+
+
+def test_registered_with_table_attributes() -> None:
+    info = method_info("rocco")
+    assert info.name == "geometric-matching" and info.year == 2017 and info.cls is GeometricMatching
+    assert "supervised" in info.supervision and "grid" in info.loss
+    assert "thin-plate" in info.transform and info.ndim == "2D/3D"
+
+
+def test_affine_parameters_roundtrip_and_dense_field() -> None:
+    g = torch.Generator().manual_seed(0)
+    p = 0.1 * torch.randn(3, 6, generator=g, dtype=torch.float64)
+    m = affine_matrix(p, (20, 30))
+    torch.testing.assert_close(matrix_to_affine_params(m, (20, 30)), p)
+    p3 = 0.1 * torch.randn(2, 12, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(matrix_to_affine_params(affine_matrix(p3, (5, 6, 7)), (5, 6, 7)), p3)
+    model = GlobalTransformModel((20, 30), "affine").double()
+    # the dense field at every voxel is T(x) − x of the data module's (independent) map
+    u = model.dense(p)
+    x = torch.stack(torch.meshgrid(torch.arange(20.0), torch.arange(30.0), indexing="ij"), -1)
+    x = x.double().reshape(1, -1, 2)
+    ref = affine_points(p, (20, 30), x) - x
+    torch.testing.assert_close(u.flatten(2).transpose(1, 2), ref)
+
+
+def test_grid_loss_of_a_translation() -> None:
+    model = GlobalTransformModel((21, 41), "affine", loss_points=20)
+    t = torch.zeros(1, 6)
+    t[0, 2], t[0, 5] = 3.0, 4.0  # translation (3, 4) voxels
+    terms = model.grid_loss(torch.zeros(1, 6), t)
+    torch.testing.assert_close(terms["grid_error"], torch.tensor(5.0))
+    # Rocco's loss: squared distance in normalized coordinates (half extents 10 and 20)
+    torch.testing.assert_close(terms["grid_loss"], torch.tensor(0.3**2 + 0.2**2))
+    assert float(model.grid_loss(t, t)["grid_loss"]) == 0.0
+    tps = GlobalTransformModel((21, 41), "tps", grid_size=3)
+    d = torch.zeros(1, 9, 2)
+    d[..., 0] = 2.0  # every control point moved by 2 voxels along axis 0: a translation
+    torch.testing.assert_close(
+        tps.grid_loss(torch.zeros_like(d), d)["grid_error"], torch.tensor(2.0)
+    )
+
+
+@pytest.mark.parametrize("kind", ["affine", "tps"])
+def test_true_parameters_warp_moving_onto_fixed(kind, photos) -> None:
+    """The data's target, through the method's dense field, maps moving onto fixed."""
+    ds, b = _heldout(photos, kind, 4)
+    m = create_method("geometric-matching", transform=kind, **SMALL)
+    u = m.model.dense(b.target)
+    warped = warp(b.moving, u)
+    x = torch.stack(torch.meshgrid(torch.arange(S), torch.arange(S), indexing="ij"), 0).float()
+    inside = ((x + u >= 0) & (x + u <= S - 1)).all(1, keepdim=True)
+    err = (warped - b.fixed).abs()[inside].mean()
+    assert err < 0.2 * (b.moving - b.fixed).abs()[inside].mean()
+    # and sampling the moving crop directly at T(x) gives the same image
+    t = (x + u).movedim(1, -1)
+    torch.testing.assert_close(sample_index(b.moving, t), warped, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["affine", "tps"])
+def test_forward_2d_and_3d_shapes_start_at_identity(kind, photos) -> None:
+    _, b = _heldout(photos, kind, 3)
+    m = create_method("geometric-matching", transform=kind, **SMALL)
+    out = m.predict(b.fixed, b.moving)
+    assert out.displacement.shape == (3, 2, S, S) and out.warped.shape == (3, 1, S, S)
+    assert out.extras["params"].shape == ((3, 6) if kind == "affine" else (3, 9, 2))
+    assert out.displacement.abs().max() < 0.5
+    assert type(m)(**m.config).config == m.config
+    m3 = GeometricMatching(
+        ndim=3,
+        transform=kind,
+        shape=(16, 16, 16),
+        features=(4, 8),
+        downsample_after=(0, 1),
+        regression_features=(8, 8),
+        regression_kernels=(3, 1),
+        grid_size=3,
+    )
+    x = torch.rand(2, 1, 16, 16, 16)
+    out3 = m3(x, x.flip(2))
+    assert out3.displacement.shape == (2, 3, 16, 16, 16)
+    assert out3.extras["params"].shape == ((2, 12) if kind == "affine" else (2, 27, 3))
+    target = torch.zeros_like(out3.extras["params"])
+    loss = m3.loss(type(b)(x, x, target=target), out3)
+    loss["total"].backward()
+    assert m3.tower.layers[0].conv.weight.grad is not None
+
+
+def test_bad_inputs_raise_value_error(photos) -> None:
+    _, b = _heldout(photos, "affine", 2)
+    m = create_method("geometric-matching", **SMALL)
+    with pytest.raises(ValueError, match=r"\(N, 1, 32, 32\)"):
+        m(b.fixed[..., :16], b.moving[..., :16])
+    out = m(b.fixed, b.moving)
+    with pytest.raises(ValueError, match="supervised"):
+        m.loss(type(b)(b.fixed, b.moving), out)
+    with pytest.raises(ValueError, match="target must be"):
+        m.loss(type(b)(b.fixed, b.moving, target=torch.zeros(2, 9, 2)), out)
+    with pytest.raises(ValueError, match="transform must be"):
+        create_method("geometric-matching", transform="bspline")
+    with pytest.raises(ValueError, match="do not fit"):
+        create_method("geometric-matching", **{**SMALL, "regression_kernels": (7, 5)})
+
+
+def _train(m, ds, steps: int, batch: int, lr: float = 1e-3) -> None:
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(m.parameters(), lr)
+    m.train()
+    for s in range(steps):
+        b = collate_pairs([ds[s * batch + i] for i in range(batch)])
+        loss = m.loss(b, m(b.fixed, b.moving))["total"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("kind,steps", [("affine", 90)])
+def test_trains_below_the_identity_on_heldout_photos(kind, steps, photos) -> None:
+    train = RandomWarpPairs(photos[0], kind, (S, S), 10**6, seed=1, margin=8, **WARPS)
+    _, b = _heldout(photos, kind)
+    torch.manual_seed(0)
+    m = create_method("geometric-matching", transform=kind, **SMALL)
+    identity = m.model.grid_loss(torch.zeros_like(b.target), b.target)["grid_error"]
+    before = m.loss(b, m.predict(b.fixed, b.moving))["grid_error"]
+    _train(m, train, steps, 8, lr=3e-3)
+    after = m.loss(b, m.predict(b.fixed, b.moving))["grid_error"]
+    assert float(before) == pytest.approx(float(identity), rel=0.02)
+    assert after < 0.9 * identity, f"{kind}: {float(after):.3f} vs identity {float(identity):.3f}"

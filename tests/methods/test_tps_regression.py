@@ -1,0 +1,131 @@
+"""TPS regression (Eppenhof et al. 2018): control-grid displacements from LPBA40 volumes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from learnreg.data.datasets import collate_pairs
+from learnreg.data.random_warps import RandomWarpPairs, lpba_volumes, tps_points
+from learnreg.data.random_warps import control_points as data_control_points
+from learnreg.methods.registry import create_method, method_info
+from learnreg.methods.tps_regression import (
+    TPSGrid,
+    TPSRegression,
+    control_point_error,
+    control_points,
+    tps_basis,
+)
+from learnreg.spatial.sampling import warp
+
+SHAPE = (20, 24, 20)  # LPBA40 at 8 mm
+SMALL = {"shape": SHAPE, "grid_size": 6, "features": (8, 16, 16, 32), "downsample_after": (1,)}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def volumes():
+    return lpba_volumes(["S11", "S12", "S13", "S14"], 8), lpba_volumes(["S35", "S36"], 8)
+
+
+def test_registered_with_table_attributes() -> None:
+    info = method_info("eppenhof")
+    assert info.name == "tps-regression" and info.cls is TPSRegression and info.year == 2018
+    assert "thin-plate" in info.transform and "supervised" in info.supervision
+
+
+def test_tps_basis_reproduces_spatial_thin_plate_spline() -> None:
+    """The method's linear TPS operator against skimage's thin-plate spline (2D) and
+    learnreg.spatial.tps via the data module (3D)."""
+    skimage = pytest.importorskip("skimage")
+    from skimage.transform import ThinPlateSplineTransform
+
+    g = torch.Generator().manual_seed(0)
+    cp = control_points((30, 40), 3, torch.float64)
+    torch.testing.assert_close(cp, data_control_points((30, 40), 3, torch.float64))
+    v = torch.randn(9, 2, generator=g, dtype=torch.float64)
+    pts = torch.rand(25, 2, generator=g, dtype=torch.float64) * 29
+    if hasattr(ThinPlateSplineTransform, "from_estimate"):
+        ref = ThinPlateSplineTransform.from_estimate(cp.numpy(), (cp + v).numpy())
+    else:  # pragma: no cover - scikit-image < 0.26
+        ref = ThinPlateSplineTransform()
+        ref.estimate(cp.numpy(), (cp + v).numpy())
+    ours = (pts + tps_basis(cp, pts) @ v).numpy()
+    np.testing.assert_allclose(ours, ref(pts.numpy()), atol=1e-5)
+    assert skimage is not None
+    # rows sum to one and affine functions are reproduced
+    b = tps_basis(cp, pts)
+    torch.testing.assert_close(b.sum(1), torch.ones(25, dtype=torch.float64))
+    torch.testing.assert_close(
+        b @ (cp @ torch.tensor([[2.0], [-1.0]], dtype=torch.float64)),
+        pts @ torch.tensor([[2.0], [-1.0]], dtype=torch.float64),
+    )
+    # 3D dense field vs the data module's (spatial.tps.ThinPlateSpline) map
+    grid = TPSGrid((6, 7, 5), 3)
+    d = torch.randn(2, 27, 3, generator=g)
+    x = torch.stack(torch.meshgrid(*[torch.arange(s) for s in (6, 7, 5)], indexing="ij"), -1)
+    x = x.double().reshape(1, -1, 3)
+    ref3 = tps_points(d.double(), (6, 7, 5), 3, x) - x
+    torch.testing.assert_close(
+        grid.dense(d).flatten(2).transpose(1, 2).double(), ref3, atol=1e-4, rtol=1e-4
+    )
+
+
+def test_control_point_error() -> None:
+    p = torch.zeros(1, 2, 3)
+    t = torch.tensor([[[3.0, 4.0, 0.0], [0.0, 0.0, 1.0]]])
+    torch.testing.assert_close(control_point_error(p, t), torch.tensor([3.0]))
+    with pytest.raises(ValueError, match=r"\(N, K, D\)"):
+        control_point_error(p, t[:, :1])
+
+
+@pytest.mark.parametrize("head", ["conv", "fc"])
+def test_forward_shapes_identity_start_and_true_warp(head, volumes) -> None:
+    ds = RandomWarpPairs(volumes[1], "tps", None, 2, grid_size=6, magnitude=2.0, seed=3)
+    b = collate_pairs([ds[0], ds[1]])
+    m = create_method("tps-regression", head=head, **SMALL)
+    out = m.predict(b.fixed, b.moving)
+    assert out.displacement.shape == (2, 3, *SHAPE) and out.extras["control"].shape == (2, 216, 3)
+    assert out.displacement.abs().max() < 0.5
+    assert type(m)(**m.config).config == m.config
+    # the true control displacements warp moving onto fixed
+    warped = warp(b.moving, m.tps.dense(b.target))
+    assert (warped - b.fixed).abs().mean() < 0.2 * (b.moving - b.fixed).abs().mean()
+    losses = m.loss(b, out)
+    torch.testing.assert_close(
+        losses["mse"], (out.extras["control"] - b.target).square().mean(), rtol=1e-5, atol=1e-6
+    )
+    dense = create_method("tps-regression", head=head, loss="dense", **SMALL)
+    assert float(dense.loss(b, dense(b.fixed, b.moving))["total"]) > 0
+    # 2D works too
+    m2 = TPSRegression(2, (32, 32), 4, (4, 8), (0, 1), head=head)
+    assert m2(torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32)).extras["control"].shape == (
+        1,
+        16,
+        2,
+    )
+
+
+def test_bad_inputs_raise_value_error(volumes) -> None:
+    m = create_method("tps-regression", **SMALL)
+    x = torch.zeros(1, 1, *SHAPE)
+    with pytest.raises(ValueError, match=r"\(N, 1, 20, 24, 20\)"):
+        m(x[..., :10], x[..., :10])
+    out = m(x, x)
+    with pytest.raises(ValueError, match="supervised"):
+        m.loss(collate_pairs([{"fixed": x[0], "moving": x[0]}]), out)
+    bad = collate_pairs([{"fixed": x[0], "moving": x[0], "target": torch.zeros(27, 3)}])
+    with pytest.raises(ValueError, match=r"\(N, 216, 3\)"):
+        m.loss(bad, out)
+    with pytest.raises(ValueError, match="head"):
+        create_method("tps-regression", head="mlp")
+    with pytest.raises(ValueError, match="grid_size"):
+        create_method("tps-regression", grid_size=1)

@@ -1,0 +1,80 @@
+"""Correlation layer (Rocco et al. 2017) against explicit loops, 2D and 3D."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from learnreg.nn.correlation import FeatureCorrelation, correlation, l2_normalize
+
+
+def _loop(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """out[n, k, x] = <a[n, :, p_k], b[n, :, x]> with p_k the row-major positions of a."""
+    n, _ = a.shape[:2]
+    sa, sb = a.shape[2:], b.shape[2:]
+    pos_a = list(itertools.product(*[range(s) for s in sa]))
+    out = torch.zeros(n, len(pos_a), *sb, dtype=a.dtype)
+    for i in range(n):
+        for k, p in enumerate(pos_a):
+            for x in itertools.product(*[range(s) for s in sb]):
+                out[(i, k, *x)] = sum(
+                    float(a[(i, c, *p)]) * float(b[(i, c, *x)]) for c in range(a.shape[1])
+                )
+    return out
+
+
+@pytest.mark.parametrize(
+    "sa,sb", [((3, 4), (3, 4)), ((2, 3), (4, 2)), ((2, 3, 2), (2, 3, 2)), ((2, 2, 3), (3, 1, 2))]
+)
+def test_correlation_matches_explicit_loop(sa, sb) -> None:
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 5, *sa, generator=g, dtype=torch.float64)
+    b = torch.randn(2, 5, *sb, generator=g, dtype=torch.float64)
+    out = correlation(a, b)
+    assert out.shape == (2, a[0, 0].numel(), *sb)
+    torch.testing.assert_close(out, _loop(a, b))
+
+
+def test_feature_correlation_normalizations() -> None:
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(1, 4, 3, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(1, 4, 3, 3, generator=g, dtype=torch.float64)
+    raw = FeatureCorrelation(False, False)(a, b)
+    torch.testing.assert_close(raw, _loop(a, b))
+    # normalized features: the correlation of an image with itself is 1 on the "diagonal"
+    self_corr = FeatureCorrelation(True, False)(a, a)
+    diag = self_corr.reshape(9, 9).diagonal()
+    torch.testing.assert_close(diag, torch.ones(9, dtype=torch.float64))
+    assert self_corr.abs().max() <= 1 + 1e-12
+    # full: ReLU then unit L2 norm over the correlation channels at every position
+    full = FeatureCorrelation()(a, b)
+    ref = torch.relu(_loop(l2_normalize(a), l2_normalize(b)))
+    ref = ref / ref.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    torch.testing.assert_close(full, ref)
+    assert (full >= 0).all()
+    torch.testing.assert_close(full.norm(dim=1), torch.ones(1, 3, 3, dtype=torch.float64))
+
+
+def test_correlation_finds_a_shift() -> None:
+    """Distinct unit descriptors shifted by one column: the best match of each target position
+    is the source position one column to the left (3D)."""
+    g = torch.Generator().manual_seed(2)
+    src = l2_normalize(torch.randn(1, 16, 3, 4, 5, generator=g))
+    tgt = torch.roll(src, shifts=1, dims=4)
+    best = FeatureCorrelation()(src, tgt).argmax(1)[0]  # (3, 4, 5) flat source index
+    i, j, k = torch.meshgrid(torch.arange(3), torch.arange(4), torch.arange(5), indexing="ij")
+    expected = (i * 4 + j) * 5 + (k - 1) % 5
+    assert torch.equal(best, expected)
+
+
+def test_correlation_rejects_bad_inputs() -> None:
+    with pytest.raises(ValueError, match="same batch size and channels"):
+        correlation(torch.zeros(1, 3, 4, 4), torch.zeros(1, 2, 4, 4))
+    with pytest.raises(ValueError, match="2 or 3 spatial dims"):
+        correlation(torch.zeros(1, 3, 4), torch.zeros(1, 3, 4))
+    with pytest.raises(ValueError, match="2 or 3 spatial dims"):
+        correlation(torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4, 4))
+    with pytest.raises(ValueError, match=r"\(N, C, \*S\)"):
+        l2_normalize(torch.zeros(3, 4))
