@@ -224,6 +224,12 @@ class VoxelMorph(RegistrationMethod):
         u = integrate_velocity(field, self.integration_steps) if self.integration_steps else field
         return u if tuple(u.shape[2:]) == tuple(shape) else resize_displacement(u, shape)
 
+    def inverse_displacement(self, output: MethodOutput) -> Tensor:
+        """``exp(−v)`` (upsampled) for a velocity; else as :class:`RegistrationMethod`."""
+        if not self.integration_steps:
+            return super().inverse_displacement(output)
+        return self.to_displacement(-output.extras["field"], output.displacement.shape[2:])
+
     def check_pair(self, fixed: Tensor, moving: Tensor) -> None:
         if fixed.dim() != self.ndim + 2 or fixed.shape != moving.shape or fixed.shape[1] != 1:
             raise ValueError(
