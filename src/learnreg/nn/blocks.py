@@ -6,11 +6,15 @@ All blocks work in 2D or 3D (``ndim``) on tensors ``(N, C, *S)`` in array index 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["NORMS", "conv_nd", "ConvBlock", "AddCoords", "CoordConv", "FlowHead"]
 
 NORMS = (None, "batch", "instance", "group")
+# FlowHead computes its conv tap by tap along axis 0 when k · out_channels fits one oneDNN
+# output block
+_TAPS_MAX_CHANNELS = 16
 
 
 def _check_ndim(ndim: int) -> int:
@@ -120,6 +124,9 @@ class FlowHead(nn.Module):
 
     Weights start ~ Normal(0, ``std``) and the bias at ``bias`` (VoxelMorph: std 1e-5, bias 0,
     so the first prediction is the identity; its log-variance head uses std 1e-10, bias −10).
+    The output is contiguous (channels-first) whatever the input's memory format. On CPU the
+    conv is evaluated tap by tap along axis 0 (:meth:`_conv_by_axis0_taps`, about 2x faster
+    for 3 output channels); parameters and results are those of the plain conv.
     """
 
     def __init__(
@@ -138,4 +145,41 @@ class FlowHead(nn.Module):
         nn.init.constant_(self.conv.bias, bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x)
+        conv = self.conv
+        k = conv.kernel_size[0]
+        if x.device.type != "cpu" or k == 1 or k * conv.out_channels > _TAPS_MAX_CHANNELS:
+            # a channels-last input (the UNet's) gives a channels-last conv output; the field
+            # is returned in the contiguous layout the spatial code expects
+            return conv(x).contiguous()
+        return self._conv_by_axis0_taps(x)
+
+    def _conv_by_axis0_taps(self, x: Tensor) -> Tensor:
+        """The same convolution, computed as one conv of kernel 1 along axis 0 with
+        ``k · out_channels`` outputs (one group per tap ``j`` of axis 0) whose groups are
+        summed shifted by ``j − k//2`` along axis 0, plus the bias.
+
+        oneDNN pads a conv's output channels to 16 on CPU, so a 3-channel 3×3×3 head costs
+        as much as a 16-channel one; the ``k · out`` = 9 channels of the tap conv fit the same
+        16 and need a third of the work. Same products and sums (float rounding aside),
+        same weights (a view of ``conv.weight``), contiguous output.
+        """
+        conv = self.conv
+        w = conv.weight  # (C_out, C_in, k, *rest)
+        c, k, r = w.shape[0], w.shape[2], w.shape[2] // 2
+        taps = w.movedim(2, 0).reshape(k * c, w.shape[1], 1, *w.shape[3:])
+        fn = F.conv2d if x.dim() == 4 else F.conv3d
+        y = fn(x, taps, None, padding=(0, *conv.padding[1:]))  # (N, k·C_out, *S)
+        n, size = x.shape[0], x.shape[2]
+        out = torch.empty((n, c, *x.shape[2:]), dtype=y.dtype, device=y.device)
+        out.copy_(y[:, r * c : (r + 1) * c])
+        out += conv.bias.view(1, c, *([1] * (x.dim() - 2)))
+        for j in range(k):
+            s = j - r  # out[z] += tap_j[z + s]
+            if s == 0 or abs(s) >= size:
+                continue
+            tap = y[:, j * c : (j + 1) * c]
+            if s > 0:
+                out[:, :, : size - s] += tap[:, :, s:]
+            else:
+                out[:, :, -s:] += tap[:, :, : size + s]
+        return out

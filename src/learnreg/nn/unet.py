@@ -13,6 +13,10 @@ from learnreg.nn.blocks import ConvBlock, CoordConv
 __all__ = ["UNet"]
 
 
+def _channels_last(ndim: int) -> torch.memory_format:
+    return torch.channels_last if ndim == 2 else torch.channels_last_3d
+
+
 class UNet(nn.Module):
     """U-Net of VoxelMorph (Balakrishnan et al. 2019, "vm2" features by default).
 
@@ -23,6 +27,9 @@ class UNet(nn.Module):
     resolution. The output has :attr:`out_channels` channels at the input's size, which must
     be divisible by ``2**depth``. ``coord_conv=True`` appends normalized coordinate channels
     to the input of the first conv (CoordConv).
+
+    On CPU the activations, and so the output, are in channels-last memory format (same
+    shape and values; call ``.contiguous()`` before ``.view`` on the output).
     """
 
     def __init__(
@@ -77,12 +84,17 @@ class UNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
-        history = [x]
+        # Channels-last activations on CPU: oneDNN's fastest convolution layout there (about
+        # 2x for the full-resolution convs with few channels, forward and backward). Small
+        # convs that PyTorch runs on its own kernels return channels-first tensors; those are
+        # converted back (cheap at their low resolution). Same values either way.
+        fmt = _channels_last(self.ndim) if x.device.type == "cpu" else torch.contiguous_format
+        history = [x.contiguous(memory_format=fmt)]
         for block in self.encoder:
-            history.append(block(history[-1]))
+            history.append(block(history[-1]).contiguous(memory_format=fmt))
         y = history.pop()
         for i, block in enumerate(self.decoder):
-            y = block(y)
+            y = block(y).contiguous(memory_format=fmt)
             if i < self.depth:
                 y = F.interpolate(y, scale_factor=2, mode="nearest")
                 y = torch.cat([y, history.pop()], 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -13,7 +14,15 @@ from learnreg.core.image import Image
 if TYPE_CHECKING:
     from learnreg.spatial.base import SpatialTransform
 
-__all__ = ["sample", "sample_index", "resample", "warp", "Interpolation", "Padding"]
+__all__ = [
+    "sample",
+    "sample_index",
+    "resample",
+    "warp",
+    "displaced_grid_sample_coords",
+    "Interpolation",
+    "Padding",
+]
 
 Interpolation = Literal["linear", "nearest", "label"]
 Padding = Literal["zeros", "border", "reflection"]
@@ -64,13 +73,48 @@ def sample(
     return out if image.is_floating_point() else out.round().to(image.dtype)
 
 
+# below this many output points a single image is sampled on one thread
+_PARALLEL_MIN_POINTS = 1 << 15
+
+
+def _grid_sample_threads(
+    src: torch.Tensor, coords: torch.Tensor, mode: str, padding: str
+) -> torch.Tensor:
+    """``F.grid_sample(src, coords, align_corners=True)``, on all intra-op threads for N = 1.
+
+    PyTorch's CPU grid_sample kernels parallelize over the batch only, so one image runs on
+    one thread. For N = 1 on CPU the output points are split into ``k`` equal chunks (``k``
+    the thread count, or the largest common divisor with the number of points) and sampled
+    as a batch of ``k`` stride-0 views of the same image: every output value is computed
+    exactly as before (bitwise), ``k`` at a time. Backward works through the same kernels.
+    """
+    n_points = coords[0, ..., 0].numel()
+    k = math.gcd(torch.get_num_threads(), n_points)
+    if (
+        k < 2
+        or src.device.type != "cpu"
+        or src.shape[0] != 1
+        or coords.shape[0] != 1
+        or n_points < _PARALLEL_MIN_POINTS
+    ):
+        return F.grid_sample(src, coords, mode=mode, padding_mode=padding, align_corners=True)
+    d = src.dim() - 2
+    c = src.shape[1]
+    chunks = coords.reshape(k, n_points // k, *([1] * (d - 1)), d)
+    out = F.grid_sample(
+        src.expand(k, *src.shape[1:]), chunks, mode=mode, padding_mode=padding, align_corners=True
+    )
+    out = out.reshape(k, c, n_points // k).transpose(0, 1)
+    return out.reshape(1, c, *coords.shape[1:-1])
+
+
 def _grid_sample(src: torch.Tensor, coords: torch.Tensor, mode: str, padding: str) -> torch.Tensor:
     """``F.grid_sample`` (align_corners=True) that also respects axes of size 1.
 
     grid_sample maps every coordinate of a size-1 axis onto its only slice; with zero
     padding we fade to zero off the slice instead (linear: ``1 - |i|``, nearest: ``|i| ≤ ½``).
     """
-    out = F.grid_sample(src, coords, mode=mode, padding_mode=padding, align_corners=True)
+    out = _grid_sample_threads(src, coords, mode, padding)
     d = src.dim() - 2
     if padding != "zeros" or all(s > 1 for s in src.shape[2:]):
         return out
@@ -131,10 +175,29 @@ def warp(
             f"warp: displacement {tuple(displacement.shape)} must be (N, {d}, "
             f"{', '.join(map(str, image.shape[2:]))})"
         )
-    g = Grid(tuple(image.shape[2:]))
-    ident = g.index_points(displacement.dtype, displacement.device)
-    pts = ident + displacement.movedim(1, -1)
-    return sample(image, g.index_to_grid_sample(pts), mode, padding)
+    return sample(image, displaced_grid_sample_coords(displacement), mode, padding)
+
+
+def displaced_grid_sample_coords(displacement: torch.Tensor) -> torch.Tensor:
+    """grid_sample coordinates ``(N, *S, D)`` of the points ``x + u(x)`` of a displacement
+    ``(N, D, *S)`` in voxel units of its grid (``Grid.index_to_grid_sample`` of them).
+
+    Computed axis by axis as ``(u_d + i_d) · 2/(S_d − 1) − 1`` (axes of size 1 keep the
+    index), the same float operations as the matrix product, without building the
+    identity grid or multiplying by zeros.
+    """
+    d = displacement.dim() - 2
+    shape = tuple(displacement.shape[2:])
+    m = Grid(shape).index_to_normalized
+    columns = []
+    for axis in reversed(range(d)):  # grid_sample's (x, y, z) order
+        index = torch.arange(shape[axis], dtype=displacement.dtype, device=displacement.device)
+        index = index.view(shape[axis], *([1] * (d - 1 - axis)))
+        x = displacement[:, axis] + index
+        if m[axis, axis] != 1.0 or m[axis, d] != 0.0:
+            x = x.mul_(float(m[axis, axis])).add_(float(m[axis, d]))
+        columns.append(x)
+    return torch.stack(columns, dim=-1)
 
 
 def resample(

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from learnreg.core.grid import Grid
 from learnreg.spatial.base import SpatialTransform
 from learnreg.spatial.displacement import DisplacementField
-from learnreg.spatial.fields import check_field, compose_displacements
-from learnreg.spatial.sampling import Padding
+from learnreg.spatial.fields import check_field
+from learnreg.spatial.sampling import Padding, warp
 
 __all__ = ["StationaryVelocityField", "integrate_velocity"]
 
@@ -18,15 +19,28 @@ def integrate_velocity(
 ) -> torch.Tensor:
     """Displacement ``exp(v) - id`` of a stationary velocity ``(N, D, *S)`` (voxel units).
 
-    Scaling and squaring: ``u = v / 2**steps``, then ``steps`` times ``u ← u + u∘(id + u)``.
-    The field is extended by its border values outside the grid (``padding``).
+    Scaling and squaring: ``u = v / 2**steps``, then ``steps`` times ``u ← u + u∘(id + u)``
+    (:func:`~learnreg.spatial.fields.compose_displacements` of ``u`` with itself, the sum
+    taken in place in the freshly sampled field). The field is extended by its border
+    values outside the grid (``padding``).
+
+    Under autograd the squarings are recomputed during the backward pass (activation
+    checkpointing): the graph keeps one field instead of two per step (at 160×192×160,
+    ~0.8 GB less for 5 steps) for ``steps`` extra samplings. Values and gradients are
+    unchanged.
     """
     check_field(velocity, "velocity")
     if steps < 0:
         raise ValueError(f"integrate_velocity: steps must be >= 0, got {steps}")
     u = velocity / 2**steps
+    if steps and u.requires_grad and torch.is_grad_enabled():
+        return checkpoint(_square, u, steps, padding, use_reentrant=False)
+    return _square(u, steps, padding)
+
+
+def _square(u: torch.Tensor, steps: int, padding: Padding) -> torch.Tensor:
     for _ in range(steps):
-        u = compose_displacements(u, u, padding)
+        u = warp(u, u, "linear", padding).add_(u)
     return u
 
 
