@@ -49,6 +49,8 @@ def test_from_yaml_with_overrides(tmp_path):
         ("steps=many", r"steps must be an integer"),
         ("steps=0", r"steps must be >= 1"),
         ("optimizer.name=lbfgs", r"optimizer.name must be one of"),
+        ("optimizer.schedule=step", r"optimizer.schedule must be one of"),
+        ("optimizer.min_lr=1", r"optimizer.min_lr must be in \[0, lr"),
         ("data.augment.rotation=-2", r"augment.rotation must be >= 0"),
     ],
 )

@@ -64,6 +64,7 @@ def test_resume_after_kill_is_exact(ants2d, data, tmp_path):
         "checkpoint_every": 4,
         "val_every": 4,
         "log_every": 1,
+        "optimizer": {"lr": 3e-3, "schedule": "cosine", "min_lr": 1e-4},
         "data": {
             **_config(ants2d, tmp_path).to_dict()["data"],
             "augment": {"rotation": 5, "elastic": 0.5, "gamma": 0.2, "noise": 0.02},
@@ -93,6 +94,11 @@ def test_resume_after_kill_is_exact(ants2d, data, tmp_path):
     with open(tmp_path / "b" / "log.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert [int(r["step"]) for r in rows] == list(range(1, 9))
+    # the cosine schedule: lr of the update to step s is that of step s - 1 of 8
+    lrs = [float(r["lr"]) for r in rows]
+    assert lrs[0] == pytest.approx(3e-3)
+    assert lrs[4] == pytest.approx(1e-4 + (3e-3 - 1e-4) * 0.5)
+    assert lrs == sorted(lrs, reverse=True)
     assert {"total", "mse", "diffusion", "val_dice"} <= set(rows[0])
     assert (tmp_path / "b" / "config.yaml").is_file()
     assert (tmp_path / "b" / "checkpoints" / "step_0000008.pt").is_file()
@@ -112,3 +118,39 @@ def test_validation_dice_improves(ants2d, data, tmp_path):
     best = load_checkpoint(tmp_path / "checkpoints" / "best.pt", expected_method="standin")
     assert best["extra"]["best_dice"] == summary["best_dice"]
     assert best["extra"]["grid"]["shape"] == [48, 48]  # the network grid travels along
+
+
+def test_init_starts_from_other_weights(ants2d, data, tmp_path):
+    """``init`` fine-tunes: a fresh run starts from a checkpoint's weights, not random ones;
+    weights of another architecture are refused with the file named."""
+    source, _ = _run(_config(ants2d, tmp_path / "src", steps=3, checkpoint_every=3), data)
+    ckpt = tmp_path / "src" / "checkpoints" / "last.pt"
+
+    def first_step(trainer, step, losses):
+        if step == 1:
+            raise Crash("stop")
+
+    cfg = _config(ants2d, tmp_path / "tuned", steps=3, init=str(ckpt), optimizer={"lr": 1e-12})
+    tuned = Trainer(cfg, StandIn(), *data, callback=first_step)
+    with pytest.raises(Crash):
+        tuned.fit()
+    for (k, va), vb in zip(
+        source.method.state_dict().items(), tuned.method.state_dict().values(), strict=True
+    ):
+        assert torch.allclose(va, vb, atol=1e-9), k
+    fresh = StandIn().state_dict().values()
+    assert not all(
+        torch.equal(a, b) for a, b in zip(fresh, source.method.state_dict().values(), strict=True)
+    )
+    # a network of another shape: clear error naming the file
+    wrong = StandIn()
+    first = next(iter(wrong.state_dict()))
+    state = load_checkpoint(ckpt)
+    state["model"][first] = torch.zeros(1, 2, 3)
+    torch.save(state, tmp_path / "wrong.pt")
+    cfg = _config(ants2d, tmp_path / "w", steps=1, init=str(tmp_path / "wrong.pt"))
+    with pytest.raises(InputError, match="wrong.pt: init weights do not fit"):
+        Trainer(cfg, wrong, *data).fit()
+    cfg = _config(ants2d, tmp_path / "n", steps=1, init="no-such-model")
+    with pytest.raises(InputError, match="no-such-model: no such model"):
+        Trainer(cfg, StandIn(), *data).fit()

@@ -13,6 +13,9 @@ Outputs (rank 0 only) in the output folder::
 
     config.yaml         resolved configuration
     log.csv             step, time, learning rate, loss terms, validation Dice
+
+``config.init`` starts a fresh run from another run's or a shipped model's weights
+(fine-tuning); ``config.optimizer.schedule`` sets the learning rate of every step.
     checkpoints/step_0000100.pt, last.pt, best.pt (highest validation Dice)
     tensorboard/        only if TensorBoard is installed
 """
@@ -300,6 +303,26 @@ class Trainer:
         self.elapsed = float(extra.get("elapsed", 0.0))
         return True
 
+    def _load_initial_weights(self, source: str) -> None:
+        """Start from the weights of ``source``: a checkpoint or model folder of the same
+        method and architecture, or a shipped model's name (fine-tuning)."""
+        from learnreg.zoo.models import resolve_model
+
+        _, path = resolve_model(source)
+        state = load_checkpoint(path, expected_method=self.method_name)
+        mine = self.method.state_dict()
+        theirs = state["model"]
+        wrong = sorted(
+            k for k in set(mine) | set(theirs) if k not in mine or k not in theirs
+        ) or sorted(k for k in mine if tuple(mine[k].shape) != tuple(theirs[k].shape))
+        if wrong:
+            raise InputError(
+                f"{path}: init weights do not fit this {self.method_name} network (different "
+                f"architecture in method_config): {', '.join(wrong[:5])}"
+            )
+        self.method.load_state_dict(theirs)
+        log.info("initialized %s from %s (step %s)", self.method_name, path, state["step"])
+
     # ------------------------------------------------------------------ logging
     def _open_log(self, resumed: bool) -> None:
         self._log_path = self.output / "log.csv"
@@ -369,6 +392,8 @@ class Trainer:
         resumed = resume and self._restore(optimizer, scaler)
         if not resumed:
             _seed_all(cfg.seed)
+            if cfg.init:
+                self._load_initial_weights(cfg.init)
         if self.is_main:
             (self.output / "checkpoints").mkdir(parents=True, exist_ok=True)
             text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
@@ -402,6 +427,8 @@ class Trainer:
                 if not torch.isfinite(total):
                     raise FloatingPointError(f"loss is {float(total)} at step {self.step + 1}")
                 optimizer.zero_grad(set_to_none=True)
+                for group in optimizer.param_groups:
+                    group["lr"] = cfg.optimizer.lr_at(self.step, cfg.steps)
                 scaler.scale(total).backward()
                 if cfg.optimizer.grad_clip:
                     scaler.unscale_(optimizer)

@@ -30,6 +30,7 @@ __all__ = [
     "PretrainedModel",
     "available_models",
     "load_model",
+    "resolve_model",
     "export_model",
     "background_fraction",
     "model_summary",
@@ -125,7 +126,8 @@ def _mm(extent) -> str:
     return "×".join(f"{float(e):.0f}" for e in extent) + " mm"
 
 
-def _resolve(name_or_path: str | os.PathLike) -> tuple[str, Path]:
+def resolve_model(name_or_path: str | os.PathLike) -> tuple[str, Path]:
+    """``(name, model file)`` of a model folder, a checkpoint file or a shipped model name."""
     p = Path(name_or_path)
     if p.is_dir() and (p / "model.pt").is_file():
         return str(p), p / "model.pt"
@@ -146,7 +148,7 @@ def load_model(name_or_path: str | os.PathLike) -> PretrainedModel:
     Raises :class:`InputError` for unknown names, unreadable or untrusted files, checkpoints
     of other learnreg versions, and checkpoints without preprocessing records.
     """
-    name, path = _resolve(name_or_path)
+    name, path = resolve_model(name_or_path)
     state = load_checkpoint(path)
     extra = state.get("extra") or {}
     config = state.get("config") or {}
