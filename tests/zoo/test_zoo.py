@@ -83,16 +83,16 @@ def trained(lpba4mm: Path, tmp_path_factory) -> Path:
             "prealign": "affine",
         },
         "optimizer": {"lr": 3e-3},
-        "steps": 60,
-        "val_every": 60,
-        "checkpoint_every": 60,
+        "steps": 100,
+        "val_every": 100,
+        "checkpoint_every": 100,
         "progress": False,
         "device": "cpu",
         "output": str(run),
     }
     (run / "train.yaml").write_text(yaml.safe_dump(cfg))
     summary = run_training(run / "train.yaml")
-    assert summary["step"] == 60
+    assert summary["step"] == 100
     card = {
         "title": "test model",
         "suits": {"max_spacing": 5.0, "extent": [0.75, 1.5], "min_background": 0.3},
