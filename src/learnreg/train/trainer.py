@@ -455,7 +455,7 @@ class Trainer:
                     self._log(row)
                     sums, nsum = {}, 0
                 if progress:
-                    desc = f"loss {float(total):.4f}"
+                    desc = f"loss {float(total.detach()):.4f}"
                     if last_val:
                         desc += f"  val Dice {last_val['val_dice']:.3f}"
                     progress.update(task, completed=self.step, description=desc)
