@@ -42,8 +42,8 @@ def photos():
     return photo_images("train", (72, 96)), photo_images("heldout", (72, 96))
 
 
-def _heldout(photos, kind: str, n: int = 64):
-    ds = RandomWarpPairs(photos[1], kind, (S, S), n, seed=99, margin=8, **WARPS)
+def _heldout(photos, kind: str, n: int = 64, warps: dict = WARPS):
+    ds = RandomWarpPairs(photos[1], kind, (S, S), n, seed=99, margin=8, **warps)
     return ds, collate_pairs([ds[i] for i in range(n)])
 
 
@@ -160,15 +160,20 @@ def _train(m, ds, steps: int, batch: int, lr: float = 1e-3) -> None:
         opt.step()
 
 
-@pytest.mark.parametrize("kind,steps", [("affine", 90)])
-def test_trains_below_the_identity_on_heldout_photos(kind, steps, photos) -> None:
-    train = RandomWarpPairs(photos[0], kind, (S, S), 10**6, seed=1, margin=8, **WARPS)
-    _, b = _heldout(photos, kind)
+@pytest.mark.parametrize(
+    "kind,steps,lr,warps",
+    # TPS: 3×3 control points moved by up to ±5 px (±2.5 px barely shows at 32×32)
+    [("affine", 90, 3e-3, WARPS), ("tps", 240, 1e-3, {**WARPS, "magnitude": 5.0})],
+)
+def test_trains_below_the_identity_on_heldout_photos(kind, steps, lr, warps, photos) -> None:
+    """Brief training on random warps of training photos; error on held-out photos."""
+    train = RandomWarpPairs(photos[0], kind, (S, S), 10**6, seed=1, margin=8, **warps)
+    _, b = _heldout(photos, kind, warps=warps)
     torch.manual_seed(0)
     m = create_method("geometric-matching", transform=kind, **SMALL)
     identity = m.model.grid_loss(torch.zeros_like(b.target), b.target)["grid_error"]
     before = m.loss(b, m.predict(b.fixed, b.moving))["grid_error"]
-    _train(m, train, steps, 8, lr=3e-3)
+    _train(m, train, steps, 8, lr=lr)
     after = m.loss(b, m.predict(b.fixed, b.moving))["grid_error"]
     assert float(before) == pytest.approx(float(identity), rel=0.02)
     assert after < 0.9 * identity, f"{kind}: {float(after):.3f} vs identity {float(identity):.3f}"
