@@ -107,3 +107,21 @@ def test_batch_and_output_move_and_default_predict():
     assert m.training and not out.displacement.requires_grad
     assert torch.all(out.displacement == 2.0)
     assert out.to("cpu").detach().extras["a"]["b"].shape == (1, 2, 4, 4)
+
+
+def test_every_learned_method_offers_coord_conv():
+    """CoordConv (Liu et al. 2018) is an option of every encoder: each registered method
+    accepts ``coord_conv``, is unchanged without it and gains CoordConv layers with it."""
+    for info in available_methods():
+        keys = method_config_keys(info.name)
+        assert "coord_conv" in keys, f"{info.name} has no coord_conv option"
+        assert keys["coord_conv"] is False, info.name
+
+        def count(m) -> int:
+            return sum(type(mod).__name__ == "CoordConv" for mod in m.modules())
+
+        kw: dict = {"ndim": 2} if "ndim" in keys else {}
+        if "shape" in keys:
+            kw["shape"] = (64, 64)
+        plain, cc = create_method(info.name, **kw), create_method(info.name, coord_conv=True, **kw)
+        assert count(plain) == 0 and count(cc) >= 1, info.name

@@ -162,6 +162,7 @@ class AffineNet(nn.Module):
         downsamplings: average poolings (after the first ``downsamplings`` layers).
         hidden: widths of the fully connected layers before the output.
         norm: normalization of the conv layers (paper: batch normalization).
+        coord_conv: CoordConv first layer (Liu et al. 2018).
     """
 
     def __init__(
@@ -172,6 +173,7 @@ class AffineNet(nn.Module):
         downsamplings: int = 4,
         hidden: Sequence[int] = (64,),
         norm: str | None = "batch",
+        coord_conv: bool = False,
     ) -> None:
         super().__init__()
         if layers < 1 or not 0 <= downsamplings <= layers:
@@ -188,6 +190,7 @@ class AffineNet(nn.Module):
             tuple(range(downsamplings)),
             pooling="avg",
             norm=norm,
+            coord_conv=coord_conv,
             negative_slope=0.2,
         )
         nrot = ndim * (ndim - 1) // 2
@@ -225,6 +228,7 @@ class BSplineNet(nn.Module):
         layers: int = 5,
         dense: int = 2,
         norm: str | None = "batch",
+        coord_conv: bool = False,
     ) -> None:
         super().__init__()
         k = math.log2(spacing) if spacing >= 1 else -1.0
@@ -237,7 +241,14 @@ class BSplineNet(nn.Module):
         self.ndim, self.spacing = ndim, int(spacing)
         f = int(features)
         self.encoder = VGGEncoder(
-            ndim, 2, [f] * layers, tuple(range(int(k))), "avg", norm, negative_slope=0.2
+            ndim,
+            2,
+            [f] * layers,
+            tuple(range(int(k))),
+            "avg",
+            norm,
+            coord_conv=coord_conv,
+            negative_slope=0.2,
         )
         self.dense = nn.Sequential(
             *[ConvBlock(ndim, f, f, kernel_size=1, norm=norm) for _ in range(dense)]
@@ -279,6 +290,7 @@ class DLIR(RegistrationMethod):
         affine_features, affine_layers, affine_downsamplings, affine_hidden: :class:`AffineNet`.
         bspline_features, bspline_layers, bspline_dense: :class:`BSplineNet`.
         norm: conv normalization of every network (paper: ``"batch"``).
+        coord_conv: CoordConv first layer in every network (Liu et al. 2018).
         similarity: ``"ncc"`` (global NCC, the paper's) or ``"lncc"`` (``window`` voxels).
         window: LNCC window (odd).
         bending_weight: weight of the bending energy of each B-spline stage's dense field
@@ -299,6 +311,7 @@ class DLIR(RegistrationMethod):
         bspline_layers: int = 5,
         bspline_dense: int = 2,
         norm: str | None = "batch",
+        coord_conv: bool = False,
         similarity: str = "ncc",
         window: int = 9,
         bending_weight: float = 1.0,
@@ -316,10 +329,16 @@ class DLIR(RegistrationMethod):
         self.similarity, self.window = similarity, int(window)
         self.bending_weight = float(bending_weight)
         self.affine_net = AffineNet(
-            ndim, affine_features, affine_layers, affine_downsamplings, affine_hidden, norm
+            ndim,
+            affine_features,
+            affine_layers,
+            affine_downsamplings,
+            affine_hidden,
+            norm,
+            coord_conv,
         )
         self.bspline_nets = nn.ModuleList(
-            BSplineNet(ndim, s, bspline_features, bspline_layers, bspline_dense, norm)
+            BSplineNet(ndim, s, bspline_features, bspline_layers, bspline_dense, norm, coord_conv)
             for s in self.spacings
         )
         self.set_trainable_stages(

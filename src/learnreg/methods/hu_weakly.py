@@ -151,6 +151,7 @@ class HuGlobalLocal(RegistrationMethod):
         global_features: channels of the global encoder's conv blocks; the size is halved
             after each block but the last (max pooling).
         global_norm: normalization of the global encoder (None, ``"batch"``, ``"instance"``).
+        coord_conv: CoordConv first layer of the global encoder and of the U-Net.
         enc_features, dec_features: the local :class:`~learnreg.nn.unet.UNet`; the grid size
             must be divisible by ``2**len(enc_features)``.
         scales: Gaussian σ (voxels) of the multi-scale Dice.
@@ -169,6 +170,7 @@ class HuGlobalLocal(RegistrationMethod):
         stage: str = "composite",
         global_features: Sequence[int] = (8, 16, 32, 64, 128),
         global_norm: str | None = None,
+        coord_conv: bool = False,
         enc_features: Sequence[int] = (16, 32, 32),
         dec_features: Sequence[int] = (32, 32, 32, 16, 16),
         scales: Sequence[float] = (0, 1, 2, 4, 8, 16),
@@ -210,11 +212,12 @@ class HuGlobalLocal(RegistrationMethod):
                     "downsample_after": tuple(range(len(feats) - 1)),
                     "pooling": "max",
                     "norm": global_norm,
+                    "coord_conv": coord_conv,
                 },
                 head={"hidden": (), "dropout": 0.0, "init_std": 0.0},
             )
         if stage != "global":
-            self.unet = UNet(ndim, 2, enc_features, dec_features)
+            self.unet = UNet(ndim, 2, enc_features, dec_features, coord_conv=coord_conv)
             self.flow = FlowHead(ndim, self.unet.out_channels)
 
     def check_pair(self, fixed: Tensor, moving: Tensor) -> None:

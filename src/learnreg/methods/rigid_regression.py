@@ -117,6 +117,7 @@ class RigidRegression(RegistrationMethod):
         merge_features: stride-2 conv layers on the concatenated tower features (siamese).
         hidden: fully connected layer widths.
         norm: conv normalization (None, ``"batch"``, ``"instance"``, ``"group"``).
+        coord_conv: CoordConv first layer of each encoder branch (Liu et al. 2018).
         dropout: dropout of the fully connected layers.
         rotation_scale: degrees per unit of the normalized rotation outputs.
         translation_scale: voxels per unit of the normalized translation outputs.
@@ -133,6 +134,7 @@ class RigidRegression(RegistrationMethod):
         merge_features: Sequence[int] = (64,),
         hidden: Sequence[int] = (128,),
         norm: str | None = None,
+        coord_conv: bool = False,
         dropout: float = 0.0,
         rotation_scale: float = 10.0,
         translation_scale: float = 4.0,
@@ -175,6 +177,7 @@ class RigidRegression(RegistrationMethod):
                 "merge_downsample_after": tuple(range(len(merge_features))),
                 "pooling": "stride",
                 "norm": norm,
+                "coord_conv": coord_conv,
                 "negative_slope": 0.0,
             },
             head={"hidden": tuple(hidden), "dropout": dropout, "init_std": 1e-3},
