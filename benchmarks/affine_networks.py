@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from learnreg.core.files import atomic_write
 from learnreg.core.grid import Grid
 from learnreg.core.image import Image
 from learnreg.data.datasets import collate_pairs
@@ -357,7 +358,8 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
     }
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "affine_networks.json").write_text(json.dumps(result, indent=2))
+    with atomic_write(OUT / "affine_networks.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=2))
 
     print(f"\nLPBA40, fixed S01, test {a.test[0]}–{a.test[-1]}, {a.spacing:g} mm grid {grid.shape}")
     for k, v in runs.items():

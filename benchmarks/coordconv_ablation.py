@@ -34,6 +34,7 @@ sys.path.insert(0, str(HERE))
 
 import global_networks as gn  # noqa: E402
 
+from learnreg.core.files import atomic_write  # noqa: E402
 from learnreg.data.datasets import collate_pairs  # noqa: E402
 from learnreg.methods.registry import create_method  # noqa: E402
 
@@ -107,7 +108,8 @@ def main(argv=None) -> None:
     }
     path = Path(args.output)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(result, indent=2))
     print(
         f"\n| {args.method} | seed | steps × batch | train time | held-out grid error (px) | identity |"
     )

@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "src"))
 
+from learnreg.core.files import atomic_write  # noqa: E402
 from learnreg.data.datasets import collate_pairs  # noqa: E402
 from learnreg.data.synthetic import (  # noqa: E402
     HomographyPairs,
@@ -330,7 +331,8 @@ def main() -> None:
         },
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2))
+    with atomic_write(args.output) as tmp:
+        tmp.write_text(json.dumps(report, indent=2))
 
     tests = list(data["tests"])
     head = "| method | " + " | ".join(f"{t} mean (median) px" for t in tests)

@@ -146,7 +146,12 @@ def main() -> None:
     base = summary.get("ants_SyN", {}).get("seconds")
     OUT.mkdir(parents=True, exist_ok=True)
     out = OUT / "lpba40_register.json"
-    out.write_text(json.dumps({"threads": a.threads, "rows": rows, "summary": summary}, indent=2))
+    from learnreg.core.files import atomic_write
+
+    with atomic_write(out) as tmp:
+        tmp.write_text(
+            json.dumps({"threads": a.threads, "rows": rows, "summary": summary}, indent=2)
+        )
     print(
         "\n| method | mean Dice (56 labels) | % det J ≤ 0 | SDlogJ | time (s) | time / SyN | peak mem (MB) |"
     )

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from learnreg.core.files import atomic_write
 from learnreg.data.preprocess import to_physical
 from learnreg.data.prostate import MaskAugmenter, ProstatePairs, mask_centroids, warp_masks
 from learnreg.eval.metrics import dice_per_label, tre
@@ -233,7 +234,8 @@ def main() -> None:
         "results": results,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(payload, indent=2))
+    with atomic_write(args.output) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2))
     print(f"wrote {args.output}")
 
 

@@ -365,7 +365,10 @@ def main(argv: list[str] | None = None) -> None:
         "wall_seconds": time.time() - t_start,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    from learnreg.core.files import atomic_write
+
+    with atomic_write(args.out) as tmp:
+        tmp.write_text(json.dumps(result, indent=2))
     print_table(result)
     print(f"\nwrote {args.out}")
 
