@@ -70,7 +70,9 @@ def register_command(app: typer.Typer) -> None:
 
     @app.command()
     def benchmark(
-        suite: Annotated[str, typer.Argument(help="Suite name, e.g. lpba40-atlas.")],
+        suite: Annotated[
+            str, typer.Argument(metavar="SUITE", help="Suite name, e.g. lpba40-atlas.")
+        ],
         output: Annotated[Path, typer.Option("-o", "--output", help="Report folder.")],
         data: Annotated[
             Path | None,

@@ -14,37 +14,77 @@ from learnreg.core.errors import InputError
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Learn and optimize spatial transformations between images, in physical space.",
 )
 err = Console(stderr=True)
 
 
-def main() -> None:
-    """Console entry point: one clear error line and exit code 2 for bad input."""
-    try:
-        app(standalone_mode=False)
-    except InputError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except (typer.Exit, SystemExit) as e:
-        code = getattr(e, "exit_code", getattr(e, "code", 0))
-        sys.exit(code or 0)
-    except typer.Abort:
-        err.print("aborted")
-        sys.exit(130)
-    except Exception as e:  # click usage errors and friends carry their own message
-        import click
+def _usage_error_type() -> type[Exception]:
+    """Click's ``ClickException`` as typer runs it: typer ≥ 0.2x vendors its own copy of click
+    (``click`` may not even be installed), older releases use ``click``; both are reached
+    through typer's public ``BadParameter``."""
+    for cls in typer.BadParameter.__mro__:
+        if cls.__name__ == "ClickException":
+            return cls
+    return typer.BadParameter  # pragma: no cover - a typer without click's hierarchy
 
-        if isinstance(e, click.ClickException):
-            e.show()
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: usage errors and bad input give one error line and exit code 2."""
+    try:
+        code = app(args=argv, prog_name="learnreg", standalone_mode=False)
+    except InputError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True, markup=True)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        err.print("aborted", highlight=False)
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:
+        if not isinstance(e, _usage_error_type()):
+            raise
+        message = _one_line(e.format_message())
+        if not message:  # `learnreg` alone: click printed the help, nothing else to say
             sys.exit(e.exit_code)
-        raise
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see '{ctx.command_path} -h')" if ctx is not None else ""
+        err.print(f"error: {message}{hint}", highlight=False, soft_wrap=True, markup=False)
+        sys.exit(e.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from learnreg import __version__
+
+        print(f"learnreg {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Learn and optimize spatial transformations between images, in physical space."""
 
 
 @app.command()
 def register(
-    fixed: Annotated[Path, typer.Argument(help="Fixed (reference) image.")],
-    moving: Annotated[Path, typer.Argument(help="Moving image, warped onto the fixed grid.")],
+    fixed: Annotated[Path, typer.Argument(metavar="FIXED", help="Fixed (reference) image.")],
+    moving: Annotated[
+        Path, typer.Argument(metavar="MOVING", help="Moving image, warped onto the fixed grid.")
+    ],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")],
     preset: Annotated[
         str, typer.Option(help="Classical preset: default, multimodal, affine, rigid.")
@@ -99,9 +139,14 @@ def register(
 
 @app.command()
 def apply(
-    result: Annotated[Path, typer.Argument(help="Result folder written by `learnreg register`.")],
+    result: Annotated[
+        Path, typer.Argument(metavar="RESULT", help="Result folder written by `learnreg register`.")
+    ],
     inputs: Annotated[
-        list[Path], typer.Argument(help="Images, label maps (--labels) or point CSVs (.csv).")
+        list[Path],
+        typer.Argument(
+            metavar="INPUT...", help="Images, label maps (--labels) or point CSVs (.csv)."
+        ),
     ],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")],
     inverse: Annotated[

@@ -44,7 +44,9 @@ def register_command(app: typer.Typer) -> None:
 
     @app.command("train")
     def train(
-        config: Annotated[Path, typer.Argument(help="YAML training configuration.")],
+        config: Annotated[
+            Path, typer.Argument(metavar="CONFIG", help="YAML training configuration.")
+        ],
         set_: Annotated[
             list[str] | None,
             typer.Option("--set", help="Override a config value: key.sub=value (repeatable)."),
