@@ -156,6 +156,12 @@ class Grid:
         return tuple(self.affine[:-1] @ np.append((np.asarray(self.shape) - 1) / 2.0, 1.0))
 
     @property
+    def index_center(self) -> tuple[float, ...]:
+        """Index coordinates ``(S − 1) / 2`` of the centre of the voxel-centre box: the point
+        index-space linear transforms of networks turn about."""
+        return tuple((s - 1) / 2.0 for s in self.shape)
+
+    @property
     def extent(self) -> tuple[float, ...]:
         """Physical length (mm) between the first and last voxel centres along each axis."""
         return tuple((s - 1) * sp for s, sp in zip(self.shape, self.spacing, strict=True))
@@ -180,6 +186,26 @@ class Grid:
         """Index coordinates of every voxel, channels-last ``(*S, D)``."""
         axes = [torch.arange(s, dtype=dtype, device=device) for s in self.shape]
         return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+
+    def index_lattice(
+        self,
+        counts: int | Sequence[int],
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """A regular lattice of ``counts`` points per axis from the first to the last voxel
+        centre (index coordinates, last axis fastest), ``(K, D)``: control grids of thin-plate
+        splines and the point grids of transform-error losses."""
+        k = (int(counts),) * self.ndim if isinstance(counts, int) else tuple(map(int, counts))
+        if len(k) != self.ndim or any(c < 1 for c in k):
+            raise ValueError(f"index_lattice: need {self.ndim} positive counts, got {counts!r}")
+        axes = [
+            torch.linspace(0, n - 1, c, dtype=dtype, device=device)
+            if c > 1
+            else torch.full((1,), (n - 1) / 2, dtype=dtype, device=device)
+            for n, c in zip(self.shape, k, strict=True)
+        ]
+        return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, self.ndim)
 
     def world_points(
         self, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None

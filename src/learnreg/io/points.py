@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from learnreg.core.errors import InputError
+from learnreg.core.options import check_option
 from learnreg.io.images import atomic_write
 
 __all__ = ["read_points", "read_point_table", "write_points"]
@@ -33,10 +34,7 @@ _SPACES = ("RAS", "LPS")
 
 
 def _check_space(space: str, path) -> str:
-    s = str(space).upper()
-    if s not in _SPACES:
-        raise InputError(f"{path}: space must be one of {_SPACES}, got {space!r}")
-    return s
+    return check_option(f"{path}: space", str(space).upper(), _SPACES, InputError)
 
 
 def _flip(points: np.ndarray) -> np.ndarray:

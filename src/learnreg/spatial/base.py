@@ -28,15 +28,30 @@ class SpatialTransform(nn.Module):
         """The inverse transform (exact where it exists, iterative for displacement fields)."""
         raise NotImplementedError(f"{type(self).__name__} has no inverse")
 
-    def map_grid(self, grid: Grid, batch: int = 1) -> torch.Tensor:
-        """Mapped world points of every voxel of ``grid``, channels-last ``(N, *S, D)``."""
-        pts = grid.world_points(torch.float32, self._device()).unsqueeze(0)
-        return self(pts.expand(batch, *pts.shape[1:]))
+    @property
+    def batch_size(self) -> int:
+        """Number of transforms held (the leading dimension of the parameters)."""
+        sizes = [t.shape[0] for t in list(self.parameters()) + list(self.buffers()) if t.dim()]
+        return max(sizes, default=1)
 
-    def displacement(self, grid: Grid, batch: int = 1) -> torch.Tensor:
+    def map_grid(self, grid: Grid, batch: int | None = None) -> torch.Tensor:
+        """Mapped world points of every voxel of ``grid``, channels-last ``(N, *S, D)``;
+        ``N`` is ``batch`` or, by default, :attr:`batch_size`."""
+        n = self.batch_size if batch is None else batch
+        pts = grid.world_points(torch.float32, self._device()).unsqueeze(0)
+        return self(pts.expand(n, *pts.shape[1:]))
+
+    def displacement(self, grid: Grid, batch: int | None = None) -> torch.Tensor:
         """World displacement ``T(x) - x`` in mm on ``grid``, channels-first ``(N, D, *S)``."""
         pts = grid.world_points(torch.float32, self._device()).unsqueeze(0)
         return (self.map_grid(grid, batch) - pts).movedim(-1, 1)
+
+    def voxel_displacement(self, grid: Grid, batch: int | None = None) -> torch.Tensor:
+        """``T(x) - x`` in voxel units of ``grid`` along its index axes, ``(N, D, *S)``: the
+        dense field a network grid's images are warped with
+        (:func:`~learnreg.spatial.sampling.warp`). Differentiable in the parameters."""
+        mapped = grid.world_to_index(self.map_grid(grid, batch))
+        return (mapped - grid.index_points(mapped.dtype, mapped.device)).movedim(-1, 1)
 
     def then(self, other: SpatialTransform) -> TransformChain:
         """``other ∘ self``: apply this transform to points first, then ``other``."""

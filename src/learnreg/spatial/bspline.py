@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from learnreg.core.grid import Grid
 from learnreg.spatial.base import SpatialTransform
-from learnreg.spatial.displacement import DisplacementField
+from learnreg.spatial.displacement import DisplacementField, on_grid
 from learnreg.spatial.fields import check_field
 
 __all__ = ["BSplineTransform", "bspline_kernel", "control_lattice_shape", "evaluate_bspline"]
@@ -128,6 +128,10 @@ class BSplineTransform(SpatialTransform):
 
     def displacement_field(self) -> DisplacementField:
         return DisplacementField(self.grid, self.voxel_field())
+
+    def voxel_displacement(self, grid: Grid, batch: int | None = None) -> torch.Tensor:
+        """The dense B-spline field on its grid, expressed on ``grid``."""
+        return on_grid(self.grid, self.voxel_field(), grid, batch, super().voxel_displacement)
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         return self.displacement_field()(points)

@@ -6,7 +6,11 @@ import torch
 
 from learnreg.core.grid import Grid
 from learnreg.spatial.base import SpatialTransform
-from learnreg.spatial.fields import compose_displacements, invert_displacement
+from learnreg.spatial.fields import (
+    compose_displacements,
+    invert_displacement,
+    resize_displacement,
+)
 from learnreg.spatial.sampling import sample
 
 __all__ = ["DisplacementField"]
@@ -53,6 +57,12 @@ class DisplacementField(SpatialTransform):
         f = self.voxel_field()
         return self.grid.index_vectors_to_world(f.movedim(1, -1)).movedim(-1, 1)
 
+    def voxel_displacement(self, grid: Grid, batch: int | None = None) -> torch.Tensor:
+        """The field in voxel units of ``grid``: the field itself on its own grid, resized
+        (``F.interpolate``) on a :meth:`~learnreg.core.Grid.resized` copy of it, otherwise
+        sampled at ``grid``'s world points (zero outside this field's grid)."""
+        return on_grid(self.grid, self.voxel_field(), grid, batch, super().voxel_displacement)
+
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         f = self.world_field()
         if points.shape[0] != f.shape[0] and f.shape[0] == 1:
@@ -94,3 +104,18 @@ class DisplacementField(SpatialTransform):
             raise ValueError(f"compose: grids differ ({self.grid} vs {other.grid})")
         w = compose_displacements(self.voxel_field(), other.voxel_field(), "zeros")
         return DisplacementField(self.grid, w)
+
+
+def on_grid(own: Grid, field: torch.Tensor, grid: Grid, batch: int | None, generic) -> torch.Tensor:
+    """A voxel-unit field ``(N, D, *S)`` living on ``own`` expressed on ``grid``: as is when the
+    grids agree, by ``F.interpolate`` when ``grid`` is ``own.resized(...)`` (same first and last
+    voxel centres), else by ``generic(grid, batch)`` (sampling at world points)."""
+    if batch is not None and batch != field.shape[0]:
+        if field.shape[0] != 1:
+            return generic(grid, batch)
+        field = field.expand(batch, *field.shape[1:])
+    if grid.allclose(own):
+        return field
+    if grid.ndim == own.ndim and own.resized(grid.shape).allclose(grid):
+        return resize_displacement(field, grid.shape)
+    return generic(grid, batch)

@@ -13,6 +13,8 @@ from functools import lru_cache
 
 import torch
 
+from learnreg.core.options import check_option
+
 __all__ = ["gaussian_kernel1d", "gaussian_blur", "separable_filter", "PADDINGS"]
 
 PADDINGS = ("zeros", "replicate")
@@ -51,8 +53,7 @@ def separable_filter(
     x: torch.Tensor, kernels: Sequence[Sequence[float]], padding: str = "replicate"
 ) -> torch.Tensor:
     """Filter ``x (N, C, *S)`` with one odd 1D kernel per spatial axis; same-size output."""
-    if padding not in PADDINGS:
-        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+    check_option("padding", padding, PADDINGS)
     d = x.dim() - 2
     if len(kernels) != d:
         raise ValueError(f"separable_filter: need {d} kernels for input {tuple(x.shape)}")

@@ -12,9 +12,28 @@ from learnreg.spatial.affine import AffineTransform
 from learnreg.spatial.base import SpatialTransform, TransformChain
 from learnreg.spatial.differential import jacobian_determinant
 from learnreg.spatial.displacement import DisplacementField
+from learnreg.spatial.linear import compose_affine
 from learnreg.spatial.sampling import Interpolation, resample
 
-__all__ = ["RegistrationResult"]
+__all__ = ["RegistrationResult", "split_linear"]
+
+
+def _first(t: AffineTransform) -> AffineTransform:
+    return AffineTransform(t.homogeneous()[:1].detach())
+
+
+@torch.no_grad()
+def split_linear(transform: SpatialTransform) -> tuple[SpatialTransform | None, AffineTransform]:
+    """``transform = linear ∘ head``: its trailing linear transforms composed into one affine
+    (first of the batch, detached), and the transforms before them (``None`` if there are
+    none), as :class:`RegistrationResult` stores a registration."""
+    parts = list(transform.transforms) if isinstance(transform, TransformChain) else [transform]
+    dims = transform.ndim
+    linear = AffineTransform.identity(dims)
+    while parts and isinstance(parts[-1], AffineTransform):
+        linear = compose_affine(linear, _first(parts.pop()))
+    head = None if not parts else parts[0] if len(parts) == 1 else TransformChain(parts)
+    return head, linear
 
 
 @dataclass
@@ -42,6 +61,38 @@ class RegistrationResult:
         for f in (self.deformable, self.inverse_deformable):
             if f is not None and not f.grid.allclose(self.fixed_grid):
                 raise ValueError("deformable fields must live on the fixed grid")
+
+    @classmethod
+    @torch.no_grad()
+    def from_transform(
+        cls,
+        transform: SpatialTransform,
+        fixed_grid: Grid,
+        moving_grid: Grid,
+        then: AffineTransform | None = None,
+        info: dict | None = None,
+        invert: bool = True,
+    ) -> RegistrationResult:
+        """The result of a predicted fixed→moving ``transform`` (first of a batch), followed
+        by the affine ``then`` (e.g. the pre-alignment a network's input went through):
+        ``x_moving = then(transform(x))``.
+
+        The trailing linear transforms of ``transform`` (a :class:`TransformChain` or one
+        transform) and ``then`` become the result's affine, written as an ITK matrix; what
+        comes before them (fields, B-splines, splines, homographies, …) becomes one
+        displacement on the fixed grid and, with ``invert``, its inverse — exact where the
+        parts have an exact inverse (velocity fields, homographies), iterative otherwise.
+        """
+        head, linear = split_linear(transform)
+        affine = linear if then is None else compose_affine(_first(then), linear)
+        deformable = inverse = None
+        if head is not None:
+            world = head.displacement(fixed_grid)[:1]
+            deformable = DisplacementField.from_world(fixed_grid, world)
+            if invert:
+                back = head.inverse().displacement(fixed_grid)[:1]
+                inverse = DisplacementField.from_world(fixed_grid, back)
+        return cls(fixed_grid, moving_grid, affine, deformable, inverse, dict(info or {}))
 
     @property
     def ndim(self) -> int:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from learnreg.core.grid import Grid
 from learnreg.core.image import Image
+from learnreg.core.options import check_option
 
 if TYPE_CHECKING:
     from learnreg.spatial.base import SpatialTransform
@@ -31,10 +32,8 @@ _PADDINGS = ("zeros", "border", "reflection")
 
 
 def _check_options(mode: str, padding: str) -> None:
-    if mode not in _MODES:
-        raise ValueError(f"interpolation must be one of {_MODES}, got {mode!r}")
-    if padding not in _PADDINGS:
-        raise ValueError(f"padding must be one of {_PADDINGS}, got {padding!r}")
+    check_option("interpolation", mode, _MODES)
+    check_option("padding", padding, _PADDINGS)
 
 
 def sample(

@@ -7,7 +7,7 @@ from torch.utils.checkpoint import checkpoint
 
 from learnreg.core.grid import Grid
 from learnreg.spatial.base import SpatialTransform
-from learnreg.spatial.displacement import DisplacementField
+from learnreg.spatial.displacement import DisplacementField, on_grid
 from learnreg.spatial.fields import check_field
 from learnreg.spatial.sampling import Padding, warp
 
@@ -78,6 +78,10 @@ class StationaryVelocityField(SpatialTransform):
 
     def displacement_field(self) -> DisplacementField:
         return DisplacementField(self.grid, self.exp())
+
+    def voxel_displacement(self, grid: Grid, batch: int | None = None) -> torch.Tensor:
+        """``exp(v) - id`` integrated on the velocity's grid, then expressed on ``grid``."""
+        return on_grid(self.grid, self.exp(), grid, batch, super().voxel_displacement)
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         return self.displacement_field()(points)
