@@ -1,6 +1,6 @@
 """Evaluation reports: CSV tables, a JSON summary, a Dice box plot and a self-contained HTML page.
 
-:func:`write_report` turns the per-(method, pair) records of :mod:`learnreg.eval.evaluate` into
+:func:`write_report` turns the per-(method, pair) records of :mod:`learnreg.runner.evaluate` into
 
 - ``results.csv``: one row per record, the scalar fields (per-structure dicts left out);
 - ``per_structure.csv``: ``method, pair, label, dice, hd95``, one row per structure;
@@ -705,7 +705,7 @@ def write_report(
     """Write the evaluation report of ``records`` into ``outdir``; return the files written.
 
     Args:
-        records: one dict per (method, pair) in the schema of :mod:`learnreg.eval.evaluate`;
+        records: one dict per (method, pair) in the schema of :mod:`learnreg.runner.evaluate`;
             ``qc_png`` paths are relative to ``outdir`` (or absolute) and are embedded.
         reference: method the others are compared with (default: the first method seen).
         metrics: scalar metrics summarized and compared (those without any value are left

@@ -4,7 +4,7 @@ Every function here ignores NaN (and, for records, ``None`` and failed pairs) ra
 letting one missing value poison a mean, and reports ``n``, the number of values actually used,
 so that a table can say how many pairs stand behind each number.
 
-Records follow the schema of :mod:`learnreg.eval.evaluate`: one plain dict per
+Records follow the schema of :mod:`learnreg.runner.evaluate`: one plain dict per
 (method, pair) with scalar metrics such as ``"dice_mean"`` and an ``"error"`` that is set
 when the pair failed.
 """

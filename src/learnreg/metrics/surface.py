@@ -1,113 +1,19 @@
-"""Registration metrics: Dice, surface distances (HD95), TRE, Jacobian statistics, inverse
-consistency. Numpy or torch in, plain Python floats / dicts out; 2D and 3D; spacing-aware.
-
-Definitions follow the Learn2Reg evaluation code where it has one (see each function).
-Label maps and displacement fields are in array index order ``(i, j[, k])`` on the fixed grid;
-displacements are in voxel units of that grid unless stated otherwise.
-"""
+"""Surface distances between label maps: Hausdorff and its 95th percentile (HD95), in mm."""
 
 from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
-import torch
 from scipy import ndimage
 
-from learnreg.spatial.differential import jacobian_determinant
-from learnreg.spatial.sampling import warp
+from learnreg.metrics._arrays import ArrayLike, _label_list, _np, _pair
 
-__all__ = [
-    "dice_per_label",
-    "mean_dice",
-    "surface_distances",
-    "robust_hausdorff",
-    "hausdorff_distance",
-    "hd95",
-    "tre",
-    "jacobian_stats",
-    "inverse_consistency_error",
-]
-
-ArrayLike = np.ndarray | torch.Tensor
+__all__ = ["surface_distances", "robust_hausdorff", "hausdorff_distance", "hd95"]
 
 
-# ---------------------------------------------------------------------------- helpers
-def _np(x: Any) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
-def _labels_np(x: ArrayLike, ndim: int | None = None) -> np.ndarray:
-    """Integer label map; leading singleton (batch/channel) axes dropped down to ``ndim``."""
-    a = _np(x)
-    while a.ndim > (ndim or 3) and a.shape[0] == 1:
-        a = a[0]
-    if ndim is not None and a.ndim != ndim:
-        raise ValueError(f"expected a {ndim}D label map, got shape {a.shape}")
-    if a.dtype.kind == "f":
-        a = np.rint(a)
-    return a.astype(np.int64, copy=False) if a.dtype.kind not in "iub" else a
-
-
-def _pair(fixed: ArrayLike, warped: ArrayLike, ndim: int | None = None):
-    f, w = _labels_np(fixed, ndim), _labels_np(warped, ndim)
-    if f.shape != w.shape:
-        raise ValueError(f"label maps differ in shape: {f.shape} vs {w.shape}")
-    return f, w
-
-
-def _label_list(fixed: np.ndarray, labels: Sequence[int] | None) -> list[int]:
-    if labels is None:
-        return [int(v) for v in np.unique(fixed) if v != 0]
-    return [int(v) for v in labels]
-
-
-# ---------------------------------------------------------------------------- Dice
-def dice_per_label(
-    fixed_labels: ArrayLike, warped_labels: ArrayLike, labels: Sequence[int] | None = None
-) -> dict[int, float]:
-    """Dice ``2|F∩W| / (|F|+|W|)`` per label.
-
-    ``labels`` defaults to the nonzero labels of the fixed map. A label absent from both maps
-    gives NaN (surface-distance's ``compute_dice_coefficient``), present in one only gives 0.
-    """
-    f, w = _pair(fixed_labels, warped_labels)
-    lab = _label_list(f, labels)
-    if not lab:
-        return {}
-    ref = np.asarray(sorted(set(lab)), dtype=np.int64)
-    k = len(ref)
-
-    def index(a: np.ndarray) -> np.ndarray:  # position in ref, k for "other"
-        a = a.ravel().astype(np.int64)
-        pos = np.clip(np.searchsorted(ref, a), 0, k - 1)
-        return np.where(ref[pos] == a, pos, k)
-
-    fi, wi = index(f), index(w)
-    joint = np.bincount(fi * (k + 1) + wi, minlength=(k + 1) ** 2).reshape(k + 1, k + 1)
-    nf, nw, inter = joint.sum(1), joint.sum(0), np.diag(joint)
-    out = {}
-    for lbl in lab:
-        p = int(np.searchsorted(ref, lbl))
-        denom = nf[p] + nw[p]
-        out[lbl] = float("nan") if denom == 0 else float(2.0 * inter[p] / denom)
-    return out
-
-
-def mean_dice(
-    fixed_labels: ArrayLike, warped_labels: ArrayLike, labels: Sequence[int] | None = None
-) -> float:
-    """Mean of :func:`dice_per_label` over labels, ignoring NaN (labels absent from both)."""
-    vals = np.array(list(dice_per_label(fixed_labels, warped_labels, labels).values()))
-    return float(np.nanmean(vals)) if vals.size and not np.isnan(vals).all() else float("nan")
-
-
-# ---------------------------------------------------------------------------- surfaces
 def _corner_weight(corner: tuple[int, ...]) -> int:
     """Bit of a 2^D-neighbourhood corner: surface-distance's kernels ``[[8,4],[2,1]]`` and
     ``[[[128,64],[32,16]],[[8,4],[2,1]]]``."""
@@ -323,119 +229,3 @@ def hd95(
     Learn2Reg passes unit spacing; pass the real spacing for mm.
     """
     return hausdorff_distance(fixed_labels, warped_labels, spacing, labels, 95.0)
-
-
-# ---------------------------------------------------------------------------- landmarks
-def tre(
-    fixed_points: ArrayLike,
-    moving_points: ArrayLike,
-    transform: Callable[[torch.Tensor], torch.Tensor] | None,
-) -> tuple[np.ndarray, float]:
-    """Target registration error ``||T(p_fixed) - p_moving||`` in mm.
-
-    Points are ``(P, D)`` world coordinates (RAS mm); ``transform`` maps fixed to moving
-    world points (a :class:`~learnreg.spatial.SpatialTransform` or any callable on
-    ``(1, P, D)``); ``None`` is the identity (the error before registration).
-    Returns the per-point errors and their mean.
-    """
-    pf = torch.as_tensor(_np(fixed_points), dtype=torch.float64)
-    pm = torch.as_tensor(_np(moving_points), dtype=torch.float64)
-    if pf.dim() != 2 or pf.shape != pm.shape:
-        raise ValueError(
-            f"tre: point sets must both be (P, D); got {tuple(pf.shape)}, {tuple(pm.shape)}"
-        )
-    with torch.no_grad():
-        mapped = pf if transform is None else transform(pf.unsqueeze(0))[0].to(torch.float64)
-    err = torch.linalg.norm(mapped - pm, dim=-1).cpu().numpy()
-    return err, float(err.mean()) if err.size else float("nan")
-
-
-# ---------------------------------------------------------------------------- Jacobians
-def _field(displacement: ArrayLike) -> torch.Tensor:
-    u = torch.as_tensor(_np(displacement), dtype=torch.float64)
-    if u.dim() in (3, 4) and u.shape[0] == u.dim() - 1:
-        u = u.unsqueeze(0)
-    if u.dim() not in (4, 5) or u.shape[:2] != (1, u.dim() - 2):
-        raise ValueError(f"displacement must be (1, D, *S) or (D, *S); got {tuple(u.shape)}")
-    return u
-
-
-def _mask(mask: ArrayLike | None, shape: tuple[int, ...]) -> np.ndarray:
-    if mask is None:
-        return np.ones(shape, dtype=bool)
-    m = _np(mask).astype(bool)
-    while m.ndim > len(shape) and m.shape[0] == 1:
-        m = m[0]
-    if m.shape != shape:
-        raise ValueError(f"mask shape {m.shape} != field shape {shape}")
-    return m
-
-
-def jacobian_stats(
-    displacement: ArrayLike,
-    mask: ArrayLike | None = None,
-    spacing: Sequence[float] | None = None,
-) -> dict[str, float]:
-    """Statistics of the Jacobian determinant of ``x ↦ x + u(x)``.
-
-    ``displacement`` is ``(1, D, *S)`` or ``(D, *S)`` in voxel units (or mm along index
-    axes when ``spacing`` is given); determinants from
-    :func:`learnreg.spatial.differential.jacobian_determinant` (central differences). Over
-    the voxels of ``mask`` (default all):
-
-    - ``folding_count`` / ``folding_fraction``: voxels with det J ≤ 0 on the *raw*
-      determinant (the Learn2Reg script counts ``jac_det <= 0`` on its shifted, clipped
-      value, which is never ≤ 0);
-    - ``sdlogj``: ``std(log(clip(det J, 1e-9, 1e9)))`` (population std): the standard
-      deviation of the log-Jacobian with folds clipped to a finite value;
-    - ``sdlogj_l2r``: the Learn2Reg leaderboard number, ``std(log(clip(det J + 3, 1e-9,
-      1e9)))`` on the interior ``[2:-2]`` of every axis. Learn2Reg shifts by 3 so that folds
-      stay finite; for det J ≈ 1 it is about a quarter of ``sdlogj``, so only compare it
-      with Learn2Reg's tables;
-    - ``min``, ``max``, ``mean`` of det J.
-    """
-    u = _field(displacement)
-    det = jacobian_determinant(u, spacing)[0].numpy()
-    m = _mask(mask, det.shape)
-    vals = det[m]
-    if vals.size == 0:
-        raise ValueError("jacobian_stats: the mask selects no voxels")
-    folds = int((vals <= 0).sum())
-    inner = (slice(2, -2),) * det.ndim
-    shifted = np.log(np.clip(det[inner] + 3.0, 1e-9, 1e9))[m[inner]]
-    return {
-        "folding_fraction": folds / vals.size,
-        "folding_count": folds,
-        "sdlogj": float(np.log(np.clip(vals, 1e-9, 1e9)).std()),
-        "sdlogj_l2r": float(shifted.std()) if shifted.size else float("nan"),
-        "min": float(vals.min()),
-        "max": float(vals.max()),
-        "mean": float(vals.mean()),
-    }
-
-
-def inverse_consistency_error(
-    forward_disp: ArrayLike,
-    backward_disp: ArrayLike,
-    spacing: Sequence[float] | None = None,
-    mask: ArrayLike | None = None,
-) -> dict[str, float]:
-    """Inverse-consistency error ``||u_f(x) + u_b(x + u_f(x))||`` in mm.
-
-    Both fields are ``(1, D, *S)`` (or ``(D, *S)``) in voxel units of one grid with voxel
-    size ``spacing`` (direction cosines do not change lengths): ``u_f`` fixed→moving, ``u_b``
-    moving→fixed. ``u_b`` is sampled at ``x + u_f(x)`` with :func:`learnreg.spatial.warp`
-    (linear, border padding). Returns ``mean``, ``max`` and ``p95`` over ``mask`` (default
-    all voxels).
-    """
-    uf, ub = _field(forward_disp), _field(backward_disp)
-    if uf.shape != ub.shape:
-        raise ValueError(f"field shapes differ: {tuple(uf.shape)} vs {tuple(ub.shape)}")
-    d = uf.shape[1]
-    sp = torch.ones(d, dtype=torch.float64) if spacing is None else torch.tensor(spacing)
-    if sp.numel() != d:
-        raise ValueError(f"spacing {list(spacing or [])} must have {d} entries")
-    resid = uf + warp(ub, uf, mode="linear", padding="border")
-    err = torch.linalg.norm(resid[0] * sp.to(resid).view(d, *([1] * d)), dim=0).numpy()
-    e = err[_mask(mask, err.shape)]
-    return {"mean": float(e.mean()), "max": float(e.max()), "p95": float(np.percentile(e, 95))}

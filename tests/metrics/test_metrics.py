@@ -11,8 +11,7 @@ import torch
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from learnreg.eval.metrics import (
-    _surfel_table,
+from learnreg.metrics import (
     dice_per_label,
     hausdorff_distance,
     hd95,
@@ -21,6 +20,7 @@ from learnreg.eval.metrics import (
     mean_dice,
     tre,
 )
+from learnreg.metrics.surface import _surfel_table
 from learnreg.spatial.affine import AffineTransform
 
 SPACING = (1.2, 0.9, 2.0)  # anisotropic, set on the real 1 mm label maps
