@@ -8,14 +8,22 @@ import numpy as np
 import pytest
 import torch
 
+import learnreg.losses as L
 from learnreg.core.errors import InputError
 from learnreg.core.grid import Grid
 from learnreg.core.image import Image
-from learnreg.eval.metrics import jacobian_stats, mean_dice
 from learnreg.io.images import read_image, read_labels
 from learnreg.losses.functional import lncc
+from learnreg.metrics import jacobian_stats, mean_dice
 from learnreg.optimize.classical import register
-from learnreg.optimize.config import ClassicalConfig, DeformableStage, LinearStage, preset
+from learnreg.optimize.config import (
+    ClassicalConfig,
+    DeformableStage,
+    LinearStage,
+    preset,
+    regularization_terms,
+    similarity_terms,
+)
 from learnreg.optimize.pyramid import downsample
 from learnreg.spatial.affine import AffineTransform
 from learnreg.spatial.sampling import resample
@@ -150,3 +158,135 @@ def test_multimodal_preset_registers_inverted_contrast(data_root):
     identity = mean_dice(fixed_lab, moving_lab.data[0])
     assert final > affine + 0.03 and final > identity + 0.05, (identity, affine, final)
     assert jacobian_stats(result.deformable.voxel_field())["folding_fraction"] == 0.0
+
+
+# ---------------------------------------------------------------------------- losses by name
+_CALLS: list[tuple[str, float]] = []
+
+
+def _recording_mse(fixed, moving, mask=None, reduction="mean"):
+    value = L.mse(fixed, moving, mask, reduction)
+    _CALLS.append(("sim", value.item()))
+    return value
+
+
+def _recording_diffusion(field, spacing=None, reduction="mean"):
+    value = L.diffusion(field, spacing, reduction)
+    _CALLS.append(("reg", value.item()))
+    return value
+
+
+if "test_recording_mse" not in L.available_losses():
+
+    @L.register_loss("test_recording_mse")
+    class _RecordingMSE(L.FunctionalLoss):
+        function = staticmethod(_recording_mse)
+        kind = "similarity"
+
+    @L.register_loss("test_recording_diffusion")
+    class _RecordingDiffusion(L.FunctionalLoss):
+        function = staticmethod(_recording_diffusion)
+        kind = "regularizer"
+
+
+def _rigid(metric) -> dict:
+    return {"model": "rigid", "metric": metric, "shrink": [2], "iterations": [3]}
+
+
+def test_presets_declare_their_terms_by_name():
+    default, multimodal = preset("default"), preset("multimodal")
+    assert [s.metric for s in default.linear] == ["ncc", "ncc"]
+    assert default.deformable.metric == "lncc" and default.deformable.window == 5
+    assert default.deformable.regularization == {"diffusion": 1.0}
+    assert [s.metric for s in multimodal.linear] == ["mi", "mi"]
+    assert multimodal.deformable.metric == "mi"
+    assert multimodal.deformable.regularization == {"diffusion": 2.0}
+
+
+def test_preset_terms_compute_the_functional_losses_exactly():
+    """The registry terms of the presets are, bit for bit, the losses the presets always used
+    (LNCC window 5, NCC, MI with the config's bins / samples, diffusion × smoothness)."""
+    g = torch.Generator().manual_seed(0)
+    f, m = torch.rand(1, 1, 20, 18, generator=g), torch.rand(1, 1, 20, 18, generator=g)
+    v = torch.randn(1, 2, 10, 9, generator=g)
+    default, multimodal = preset("default"), preset("multimodal")
+    sim = similarity_terms(default.deformable, default)(f, m)["total"]
+    assert torch.equal(sim, L.lncc(f, m, window=5))
+    assert torch.equal(similarity_terms(default.linear[0], default)(f, m)["total"], L.ncc(f, m))
+    assert torch.equal(regularization_terms(default.deformable)(v)["total"], L.diffusion(v))
+    torch.manual_seed(1)
+    mi = similarity_terms(multimodal.linear[1], multimodal)(f, m)["total"]
+    torch.manual_seed(1)
+    assert torch.equal(mi, L.mutual_information(f, m, bins=32, samples=32768))
+    mi = similarity_terms(multimodal.deformable, multimodal)(f, m)["total"]
+    assert torch.equal(mi, L.mutual_information(f, m, bins=32))
+    reg = regularization_terms(multimodal.deformable)(v)["total"]
+    assert torch.equal(reg, 2.0 * L.diffusion(v))
+
+
+def test_metric_and_regularization_by_name_reach_the_optimizer(data_root):
+    """A YAML config naming registry losses, weights and options is what the optimization
+    loop evaluates."""
+    fixed = downsample(_slice(data_root / "ants2d/r16slice.jpg"), 4)
+    moving = downsample(_slice(data_root / "ants2d/r64slice.jpg"), 4)
+    deformable = {
+        "metric": {"test_recording_mse": {"weight": 2.0}},
+        "regularization": {"test_recording_diffusion": 0.5},
+        "shrink": [1],
+        "velocity_shrink": [2],
+        "iterations": [4],
+    }
+    cfg = ClassicalConfig.from_dict(
+        {"linear": [_rigid("test_recording_mse")], "deformable": deformable}
+    )
+    losses: list[float] = []
+    _CALLS.clear()
+    result = register(fixed, moving, cfg, progress=lambda s, i, n, loss: losses.append(loss))
+    assert [tag for tag, _ in _CALLS] == ["sim"] * 3 + ["sim", "reg"] * 4
+    assert losses[:3] == pytest.approx([v for _, v in _CALLS[:3]])
+    pairs = zip(_CALLS[3::2], _CALLS[4::2], strict=True)
+    assert losses[3:] == pytest.approx([2.0 * s + 0.5 * r for (_, s), (_, r) in pairs])
+    assert result.info["config"]["deformable"]["metric"] == deformable["metric"]
+    # the same loss by another name optimizes identically; another metric does not
+    run = lambda metric: register(  # noqa: E731
+        fixed, moving, ClassicalConfig.from_dict({"linear": [_rigid(metric)], "deformable": None})
+    ).affine.homogeneous()
+    a, b, c = run("mse"), run({"test_recording_mse": {}}), run("ncc")
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_config_options_and_legacy_keys():
+    d = preset("default").to_dict()
+    assert d["deformable"]["metric"] == "lncc" and "smoothness" not in d["deformable"]
+    legacy = ClassicalConfig.from_dict(
+        {"linear": [], "deformable": {"metric": "lncc", "window": 7, "smoothness": 3.0}}
+    )
+    assert legacy.deformable.regularization == {"diffusion": 3.0}
+    assert similarity_terms(legacy.deformable, legacy)["lncc"].options == {"window": 7}
+    spec = ClassicalConfig.from_dict(
+        {"linear": [{"metric": {"mi": {"bins": 48}}}], "deformable": {"metric": {"lncc": {}}}}
+    )
+    assert similarity_terms(spec.linear[0], spec)["mi"].options == {"bins": 48, "samples": 32768}
+    assert similarity_terms(spec.deformable, spec)["lncc"].options == {"window": 5}
+    with pytest.raises(ValueError, match="not both"):
+        DeformableStage(regularization={"bending": 1.0}, smoothness=2.0)
+    with pytest.raises(
+        ValueError,
+        match=r"linear\[1\]\.metric: unknown loss 'lnc' \(did you mean 'lncc'.*valid similarity "
+        r"losses: .*mse",
+    ):
+        ClassicalConfig.from_dict({"linear": [{}, {"metric": "lnc"}]})
+    with pytest.raises(
+        ValueError, match=r"deformable\.metric\.lncc: .*\['windw'\]; valid: .*'window'"
+    ):
+        ClassicalConfig.from_dict({"deformable": {"metric": {"lncc": {"windw": 3}}}})
+    with pytest.raises(
+        ValueError, match=r"deformable\.regularization: 'lncc' is a similarity loss"
+    ):
+        ClassicalConfig.from_dict({"deformable": {"regularization": {"lncc": 1.0}}})
+    with pytest.raises(ValueError, match="deformable.metric: 'diffusion' is a regularizer loss"):
+        ClassicalConfig.from_dict({"deformable": {"metric": "diffusion"}})
+    with pytest.raises(ValueError, match="linear model must be one of .*'affine'"):
+        ClassicalConfig(linear=[LinearStage("afine")]).validate()
+    with pytest.raises(ValueError, match="unknown DeformableStage keys"):
+        ClassicalConfig.from_dict({"deformable": {"smothness": 1.0}})

@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
+from learnreg.core.options import check_option
 from learnreg.spatial.differential import jacobian_determinant, spatial_gradient
 from learnreg.spatial.filters import gaussian_kernel1d, separable_filter
 from learnreg.spatial.sampling import warp
@@ -60,14 +61,11 @@ _MI_CHUNK = 1 << 16  # voxels per block of Parzen weights (bounds memory to chun
 
 
 # ---------------------------------------------------------------------------- validation
-def _check_option(name: str, value: object, valid: Sequence[object]) -> None:
-    if value not in valid:
-        raise ValueError(f"{name} must be one of {tuple(valid)}, got {value!r}")
 
 
 def _reduce(values: Tensor, reduction: str) -> Tensor:
     """Reduce per-batch-item values ``(N,)``."""
-    _check_option("reduction", reduction, REDUCTIONS)
+    check_option("reduction", reduction, REDUCTIONS)
     if reduction == "mean":
         return values.mean()
     return values.sum() if reduction == "sum" else values
@@ -77,7 +75,7 @@ def _check_pair(
     name: str, a: Tensor, b: Tensor, reduction: str, mask: Tensor | None = None, what: str = "C"
 ) -> None:
     """Both ``(N, C, *S)`` with 2 or 3 spatial dims and the same shape; mask ``(N|1, 1, *S)``."""
-    _check_option("reduction", reduction, REDUCTIONS)
+    check_option("reduction", reduction, REDUCTIONS)
     if a.dim() not in (4, 5) or a.shape != b.shape:
         raise ValueError(
             f"{name}: expected two tensors of the same shape (N, {what}, *S) with 2 or 3 spatial "
@@ -98,7 +96,7 @@ def _check_pair(
 def _check_field(
     name: str, field: Tensor, spacing: Sequence[float] | None, reduction: str, min_size: int = 1
 ) -> None:
-    _check_option("reduction", reduction, REDUCTIONS)
+    check_option("reduction", reduction, REDUCTIONS)
     d = field.dim() - 2
     if d not in (2, 3) or field.shape[1] != d:
         raise ValueError(
@@ -153,7 +151,7 @@ def _windows(window: int | Sequence[int], ndim: int) -> tuple[int, ...]:
 
 def _kernel1d(window: int, kernel: str, sigma: float | None = None) -> tuple[float, ...]:
     """Normalized odd 1D window: box, or Gaussian of ``sigma`` (default ``window / 3``)."""
-    _check_option("kernel", kernel, KERNELS)
+    check_option("kernel", kernel, KERNELS)
     if kernel == "box" or window == 1:
         return (1.0 / window,) * window
     s = window / 3.0 if sigma is None else float(sigma)
@@ -261,7 +259,7 @@ def lncc(
     analytic).
     """
     _check_pair("lncc", fixed, moving, reduction, mask)
-    _check_option("kernel", kernel, KERNELS)
+    check_option("kernel", kernel, KERNELS)
     kernels = tuple(_kernel1d(w, kernel, sigma) for w in _windows(window, fixed.dim() - 2))
     n, c = fixed.shape[:2]
     if mask is None:
@@ -450,7 +448,7 @@ def multiscale_dice(
 # ---------------------------------------------------------------------------- transform errors
 def parameter_mse(pred: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     """Mean squared error between predicted and true transform parameters ``(N, ...)``."""
-    _check_option("reduction", reduction, REDUCTIONS)
+    check_option("reduction", reduction, REDUCTIONS)
     if pred.shape != target.shape or pred.dim() < 1:
         raise ValueError(
             f"parameter_mse: expected pred and target of the same shape (N, ...); "
@@ -464,7 +462,7 @@ def grid_point_distance(
 ) -> Tensor:
     """Mean Euclidean distance between the same points ``(N, P, D)`` mapped by the predicted and
     the true transform (any transform type; units of the points, usually mm)."""
-    _check_option("reduction", reduction, REDUCTIONS)
+    check_option("reduction", reduction, REDUCTIONS)
     if pred_points.dim() != 3 or pred_points.shape != target_points.shape:
         raise ValueError(
             f"grid_point_distance: expected two point sets (N, P, D) of the same shape; "

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from learnreg.core.options import check_option
 from learnreg.losses import functional as LF
 
 __all__ = [
@@ -37,10 +38,15 @@ __all__ = [
     "TotalVariationRegularizer",
     "FoldingRegularizer",
     "InverseConsistencyLoss",
+    "KINDS",
     "register_loss",
     "create_loss",
     "available_losses",
+    "loss_class",
 ]
+
+KINDS = ("similarity", "label", "transform", "regularizer", "inverse_consistency")
+"""The values of :attr:`FunctionalLoss.kind` (how generic code calls a loss)."""
 
 _REGISTRY: dict[str, tuple[type[FunctionalLoss], dict[str, Any]]] = {}
 
@@ -64,13 +70,21 @@ class FunctionalLoss(nn.Module):
         super().__init__()
         unknown = sorted(set(options) - set(self._options))
         if unknown:
+            close = difflib.get_close_matches(unknown[0], self._options, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(
-                f"{type(self).__name__}: unknown option(s) {unknown}; valid: {sorted(self._options)}"
+                f"{type(self).__name__}: unknown option(s) {unknown}; "
+                f"valid: {sorted(self._options)}{hint}"
             )
         for name, valid in LF.CHOICES.items():
             if name in options:
-                LF._check_option(name, options[name], valid)
+                check_option(name, options[name], valid)
         self.options = options
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """The keyword options of the wrapped function (what ``__init__`` accepts)."""
+        return tuple(cls._options)
 
     def forward(self, *inputs: Tensor, **overrides: Any) -> Tensor:
         return type(self).function(*inputs, **{**self.options, **overrides})
@@ -80,33 +94,62 @@ class FunctionalLoss(nn.Module):
 
 
 def register_loss(*names: str, **defaults: Any) -> Callable[[type], type]:
-    """Class decorator: make ``create_loss(name)`` build the class (with ``defaults``)."""
+    """Class decorator: make ``create_loss(name)`` build the class (with ``defaults``).
+
+    The class must set ``kind`` to one of :data:`KINDS`; names are lower case."""
 
     def deco(cls: type[FunctionalLoss]) -> type[FunctionalLoss]:
+        check_option(f"{cls.__name__}.kind", getattr(cls, "kind", None), KINDS)
         for name in names:
-            if name in _REGISTRY:
+            key = name.lower().replace("-", "_")
+            if key in _REGISTRY:
                 raise ValueError(f"loss name {name!r} is already registered")
-            _REGISTRY[name] = (cls, defaults)
+            _REGISTRY[key] = (cls, defaults)
         return cls
 
     return deco
 
 
-def available_losses() -> list[str]:
-    """All registered names and aliases, sorted."""
-    return sorted(_REGISTRY)
+def _kinds(kind: str | Sequence[str] | None) -> tuple[str, ...]:
+    kinds = KINDS if kind is None else (kind,) if isinstance(kind, str) else tuple(kind)
+    for k in kinds:
+        check_option("kind", k, KINDS)
+    return kinds
+
+
+def available_losses(kind: str | Sequence[str] | None = None) -> list[str]:
+    """All registered names and aliases (of losses of ``kind``, one or several), sorted."""
+    kinds = _kinds(kind)
+    return sorted(name for name, (cls, _) in _REGISTRY.items() if cls.kind in kinds)
+
+
+def loss_class(
+    name: str, kind: str | Sequence[str] | None = None
+) -> tuple[type[FunctionalLoss], dict[str, Any]]:
+    """The class and registered default options of loss ``name`` (case-insensitive, ``-`` as
+    ``_``). Raises ValueError for an unknown name (closest names and the valid list, of
+    ``kind`` when given) and for a loss of another kind (naming both kinds)."""
+    kinds = _kinds(kind)
+    what = "/".join(kinds) + " " if kind is not None else ""
+    key = str(name).lower().replace("-", "_")
+    if key not in _REGISTRY:
+        valid = available_losses(kinds)
+        close = difflib.get_close_matches(key, valid, n=3)
+        hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+        names = "names" if kind is None else f"{what}losses"
+        raise ValueError(f"unknown loss {name!r}{hint}; valid {names}: {', '.join(valid)}")
+    cls, defaults = _REGISTRY[key]
+    if cls.kind not in kinds:
+        raise ValueError(
+            f"{name!r} is a {cls.kind} loss, not a {'/'.join(kinds)} loss; valid {what}"
+            f"losses: {', '.join(available_losses(kinds))}"
+        )
+    return cls, dict(defaults)
 
 
 def create_loss(name: str, **options: Any) -> FunctionalLoss:
     """Build a loss module by (case-insensitive) name or alias, e.g. ``create_loss("cc", window=5)``."""
-    key = name.lower().replace("-", "_")
-    if key not in _REGISTRY:
-        close = difflib.get_close_matches(key, _REGISTRY, n=3)
-        hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
-        raise ValueError(
-            f"unknown loss {name!r}{hint}; valid names: {', '.join(available_losses())}"
-        )
-    cls, defaults = _REGISTRY[key]
+    cls, defaults = loss_class(name)
     return cls(**{**defaults, **options})
 
 

@@ -2,7 +2,8 @@
 
 Rigid → affine → stationary-velocity (diffeomorphic) stages, each coarse to fine on a
 Gaussian pyramid, all driven by one generic loop over the same transforms and losses the
-networks use. The result maps fixed world points to moving ones: ``x ↦ A(x + u(x))``.
+networks use: each stage's similarity (``metric``) and regularizers are named registry terms
+(:func:`~learnreg.optimize.config.similarity_terms`). The result maps fixed world points to moving ones: ``x ↦ A(x + u(x))``.
 """
 
 from __future__ import annotations
@@ -16,8 +17,14 @@ import torch
 from learnreg.core.errors import InputError
 from learnreg.core.grid import Grid, apply_matrix
 from learnreg.core.image import Image
-from learnreg.losses import functional as L
-from learnreg.optimize.config import ClassicalConfig, DeformableStage, LinearStage, preset
+from learnreg.optimize.config import (
+    ClassicalConfig,
+    DeformableStage,
+    LinearStage,
+    preset,
+    regularization_terms,
+    similarity_terms,
+)
 from learnreg.optimize.pyramid import Pyramid, level_factor, normalize_intensity
 from learnreg.spatial.affine import AffineTransform
 from learnreg.spatial.displacement import DisplacementField
@@ -66,13 +73,11 @@ def register(
             else _com_init(f.image, m.image)
         )
         for stage in cfg.linear:
-            matrix = _linear_stage(f, m, matrix, stage, cfg.mi_bins, cfg.mi_samples, progress)
+            matrix = _linear_stage(f, m, matrix, stage, cfg, progress)
         affine = AffineTransform(matrix)
         fwd = inv = None
         if cfg.deformable is not None:
-            fwd, inv = _svf_stage(
-                f, m, affine, cfg.deformable, cfg.mi_bins, progress, initial_field
-            )
+            fwd, inv = _svf_stage(f, m, affine, cfg.deformable, cfg, progress, initial_field)
     info = {"method": "classical", "config": cfg.to_dict(), "seconds": time.perf_counter() - t0}
     return RegistrationResult(fixed.grid, moving.grid, affine, fwd, inv, info)
 
@@ -90,20 +95,6 @@ def check_pair(fixed: Image, moving: Image) -> None:
                 f"{im.name}: expected a single-channel image, got {im.channels} channels"
             )
         im.validate_intensities()
-
-
-# ---------------------------------------------------------------------------- similarity
-def _similarity(
-    metric: str, window: int, bins: int, samples: int | None = None
-) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    if metric == "lncc":
-        return lambda a, b: L.lncc(a, b, window=window)
-    if metric == "ncc":
-        return L.ncc
-    if metric in ("mi", "nmi"):
-        nmi = metric == "nmi"
-        return lambda a, b: L.mutual_information(a, b, bins=bins, normalized=nmi, samples=samples)
-    return L.mse
 
 
 # ---------------------------------------------------------------------------- linear
@@ -139,15 +130,14 @@ def _linear_stage(
     moving: Pyramid,
     matrix: torch.Tensor,
     stage: LinearStage,
-    bins: int,
-    samples: int | None,
+    config: ClassicalConfig,
     progress: Progress | None,
 ) -> torch.Tensor:
     frame = _normalizing_frame(fixed.image.grid, _com(fixed.image))
     frame_inv = torch.linalg.inv(frame)
     delta = create_transform(stage.model, ndim=fixed.image.ndim, learnable=True)
     opt = torch.optim.Adam(delta.parameters(), lr=stage.learning_rate)
-    sim = _similarity(stage.metric, 0, bins, samples)
+    sim = similarity_terms(stage, config)
 
     def total() -> torch.Tensor:
         d = delta.homogeneous()[0].double()
@@ -160,7 +150,7 @@ def _linear_stage(
         for it in range(iters):
             opt.zero_grad(set_to_none=True)
             warped = sample(ml.batch(), ml.grid.world_to_grid_sample(apply_matrix(total(), pts)))
-            loss = sim(target, warped)
+            loss = sim(target, warped)["total"]
             loss.backward()
             opt.step()
             if progress:
@@ -174,11 +164,12 @@ def _svf_stage(
     moving: Pyramid,
     affine: AffineTransform,
     stage: DeformableStage,
-    bins: int,
+    config: ClassicalConfig,
     progress: Progress | None,
     initial: DisplacementField | None = None,
 ) -> tuple[DisplacementField, DisplacementField]:
-    sim = _similarity(stage.metric, stage.window, bins)
+    sim = similarity_terms(stage, config)
+    reg = regularization_terms(stage)
     diffeomorphic = stage.model == "svf"
 
     def exp(v: torch.Tensor) -> torch.Tensor:
@@ -213,7 +204,7 @@ def _svf_stage(
             u = resize_displacement(exp(v), fl.grid.shape)
             mapped = pts + u.movedim(1, -1) @ to_world.T
             warped = sample(ml.batch(), ml.grid.world_to_grid_sample(mapped))
-            loss = sim(target, warped) + stage.smoothness * L.diffusion(v)
+            loss = sim(target, warped)["total"] + reg(v)["total"]
             loss.backward()
             opt.step()
             if progress:

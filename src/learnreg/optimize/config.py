@@ -1,21 +1,54 @@
-"""Typed, YAML-friendly configuration of classical registration, with named presets."""
+"""Typed, YAML-friendly configuration of classical registration, with named presets.
+
+Each stage declares its loss terms by name through the loss registry
+(:mod:`learnreg.losses.terms`): ``metric`` is the similarity (a registered similarity loss by
+name, or a spec of named weighted terms) and a deformable stage's ``regularization`` the
+regularizers of its velocity. A YAML config for ``learnreg register --config``::
+
+    linear:
+      - {model: rigid, metric: ncc, shrink: [8], iterations: [60]}
+      - {model: affine, metric: {mi: {bins: 48}}}
+    deformable:
+      metric: {lncc: {window: 5}}        # or: metric: lncc (window: 5, the stage's default)
+      regularization: {diffusion: 1.0}   # or several: {diffusion: 0.5, bending: 0.1}
+      shrink: [4, 2]
+      iterations: [60, 30]
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import InitVar, asdict, dataclass, field, fields
 from typing import Any
 
-__all__ = ["LinearStage", "DeformableStage", "ClassicalConfig", "PRESETS", "preset"]
+from learnreg.core.options import check_option
+from learnreg.losses.terms import LossSpec, LossTerms
 
-_METRICS = ("lncc", "ncc", "mi", "nmi", "mse")
+__all__ = [
+    "LinearStage",
+    "DeformableStage",
+    "ClassicalConfig",
+    "PRESETS",
+    "preset",
+    "similarity_terms",
+    "regularization_terms",
+]
+
+LINEAR_MODELS = ("rigid", "similarity", "affine")
+DEFORMABLE_MODELS = ("svf", "displacement")
+_DEFAULT_REGULARIZATION = {"diffusion": 1.0}
 
 
 @dataclass
 class LinearStage:
-    """A rigid / similarity / affine stage: shrink factors and iterations per level."""
+    """A rigid / similarity / affine stage: shrink factors and iterations per level.
+
+    ``metric``: the similarity, a registered similarity loss by name (``"ncc"``, ``"mi"``,
+    ``"lncc"``, ...) or a spec of named weighted terms (``{"mi": {"bins": 48}}``); MI terms
+    take the config's ``mi_bins`` and ``mi_samples`` unless the spec sets them.
+    """
 
     model: str = "affine"
-    metric: str = "ncc"
+    metric: LossSpec = "ncc"
     shrink: tuple[float, ...] = (8, 4)
     iterations: tuple[int, ...] = (60, 30)
     learning_rate: float = 0.01
@@ -30,18 +63,53 @@ class DeformableStage:
     there by scaling and squaring and its displacement upsampled, which keeps the
     diffeomorphic part cheap and smooth. ``model="displacement"`` optimizes a plain
     displacement instead (no integration, not diffeomorphic), for comparison.
+
+    Loss = ``metric`` (as :class:`LinearStage`'s; ``window`` is the window of windowed
+    metrics — LNCC, SSIM — unless the spec sets one; MI takes the config's ``mi_bins`` and all
+    voxels) + ``regularization`` of the velocity (registered regularizers by name and weight;
+    default ``{"diffusion": 1.0}``). ``smoothness=s`` is accepted as the older spelling of
+    ``regularization={"diffusion": s}``.
     """
 
     model: str = "svf"
-    metric: str = "lncc"
+    metric: LossSpec = "lncc"
     window: int = 5
     shrink: tuple[float, ...] = (4, 2)
     velocity_shrink: tuple[float, ...] = (8, 4)
     iterations: tuple[int, ...] = (60, 30)
     learning_rate: float = 0.5
-    smoothness: float = 1.0
+    regularization: LossSpec = field(default_factory=lambda: dict(_DEFAULT_REGULARIZATION))
     velocity_sigma: float = 1.0
     steps: int = 5
+    smoothness: InitVar[float | None] = None
+
+    def __post_init__(self, smoothness: float | None) -> None:
+        if smoothness is None:
+            return
+        if self.regularization != _DEFAULT_REGULARIZATION:
+            raise ValueError(
+                "give regularization or smoothness (= regularization: {diffusion: smoothness}), "
+                "not both"
+            )
+        self.regularization = {"diffusion": smoothness}
+
+
+def similarity_terms(
+    stage: LinearStage | DeformableStage, config: ClassicalConfig, role: str = "metric"
+) -> LossTerms:
+    """The similarity terms of ``stage`` (its ``metric``) with the config's defaults: MI
+    ``bins`` (and ``samples`` in linear stages), the deformable stage's ``window``."""
+    defaults: dict[str, Any] = {"bins": config.mi_bins}
+    if isinstance(stage, DeformableStage):
+        defaults["window"] = stage.window
+    else:
+        defaults["samples"] = config.mi_samples
+    return LossTerms(stage.metric, "similarity", role=role, defaults=defaults)
+
+
+def regularization_terms(stage: DeformableStage, role: str = "regularization") -> LossTerms:
+    """The regularizers of the deformable stage's velocity (voxel units of its grid)."""
+    return LossTerms(stage.regularization, "regularizer", role=role)
 
 
 @dataclass
@@ -57,10 +125,15 @@ class ClassicalConfig:
     """Random voxels per MI evaluation in linear stages (None: all); deformable uses all."""
 
     def validate(self) -> ClassicalConfig:
-        stages: list[Any] = list(self.linear) + ([self.deformable] if self.deformable else [])
-        for s in stages:
-            if s.metric not in _METRICS:
-                raise ValueError(f"metric must be one of {_METRICS}, got {s.metric!r}")
+        stages: list[tuple[str, Any]] = [(f"linear[{i}]", s) for i, s in enumerate(self.linear)]
+        if self.deformable is not None:
+            stages.append(("deformable", self.deformable))
+        for where, s in stages:
+            # building the terms checks names, kinds and options
+            if not len(similarity_terms(s, self, f"{where}.metric")):
+                raise ValueError(f"{where}.metric: no similarity term given")
+            if isinstance(s, DeformableStage):
+                regularization_terms(s, f"{where}.regularization")
             if len(s.shrink) != len(s.iterations) or len(
                 getattr(s, "velocity_shrink", s.shrink)
             ) != len(s.shrink):
@@ -68,15 +141,10 @@ class ClassicalConfig:
                     f"shrink {s.shrink}, iterations {s.iterations} (and velocity_shrink) "
                     "must have equal length"
                 )
-        if self.deformable is not None and self.deformable.model not in ("svf", "displacement"):
-            raise ValueError(
-                f"deformable model must be svf or displacement, not {self.deformable.model!r}"
-            )
+        if self.deformable is not None:
+            check_option("deformable model", self.deformable.model, DEFORMABLE_MODELS)
         for s in self.linear:
-            if s.model not in ("rigid", "similarity", "affine"):
-                raise ValueError(
-                    f"linear model must be rigid, similarity or affine, not {s.model!r}"
-                )
+            check_option("linear model", s.model, LINEAR_MODELS)
         return self
 
     def to_dict(self) -> dict:
@@ -99,7 +167,7 @@ class ClassicalConfig:
 
 
 def _stage(cls, d: dict):
-    known = {f.name for f in fields(cls)}
+    known = {f.name for f in fields(cls)} | ({"smoothness"} if cls is DeformableStage else set())
     unknown = set(d) - known
     if unknown:
         raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; valid: {sorted(known)}")
@@ -114,7 +182,9 @@ def _brain() -> ClassicalConfig:
 def _multimodal() -> ClassicalConfig:
     return ClassicalConfig(
         linear=[LinearStage("rigid", "mi", (8,), (60,)), LinearStage("affine", "mi")],
-        deformable=DeformableStage(metric="mi", learning_rate=0.3, smoothness=2.0),
+        deformable=DeformableStage(
+            metric="mi", learning_rate=0.3, regularization={"diffusion": 2.0}
+        ),
     )
 
 
@@ -131,6 +201,5 @@ PRESETS = {"default": _brain, "multimodal": _multimodal, "affine": _affine, "rig
 
 def preset(name: str) -> ClassicalConfig:
     """A named preset: ``default`` (same modality, LNCC), ``multimodal`` (MI), ``affine``, ``rigid``."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    check_option("preset", name, sorted(PRESETS))
     return PRESETS[name]().validate()
