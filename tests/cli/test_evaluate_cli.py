@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from learnreg.cli.evaluate import register_command
 from learnreg.core.errors import InputError
-from tests.eval.test_evaluate import make_small_lpba
+from tests.runner.test_evaluate import make_small_lpba
 
 runner = CliRunner()
 
@@ -86,7 +86,7 @@ def test_benchmark_suite_on_a_data_root(app, root, tmp_path):
 
 
 def test_suite_defaults():
-    from learnreg.eval.suites import get_suite
+    from learnreg.runner.suites import get_suite
 
     suite = get_suite("lpba40-atlas")
     assert suite.default_subjects == ("S35", "S36", "S37", "S38", "S39", "S40")

@@ -123,14 +123,15 @@ def run_evaluate(
     isolate: bool = False,
     quiet: bool = False,
 ) -> list[dict]:
-    from learnreg.eval.evaluate import atlas_pairs, evaluate, pairs_from_csv
+    from learnreg.data.datasets import atlas_folder_pairs, pairs_from_csv
+    from learnreg.runner.evaluate import evaluate
 
     if pairs_csv is not None and (atlas is not None or moving_dir is not None):
         raise InputError("give either --pairs CSV or --atlas/--moving-dir, not both")
     if pairs_csv is not None:
         pairs = pairs_from_csv(pairs_csv)
     elif atlas is not None and moving_dir is not None:
-        pairs = atlas_pairs(atlas, atlas_labels, moving_dir, labels_dir, pattern)
+        pairs = atlas_folder_pairs(atlas, atlas_labels, moving_dir, labels_dir, pattern)
     elif atlas is not None or moving_dir is not None:
         raise InputError("--atlas and --moving-dir go together")
     else:
@@ -152,8 +153,8 @@ def run_benchmark(
     isolate: bool = True,
     quiet: bool = False,
 ) -> list[dict]:
-    from learnreg.eval.evaluate import evaluate
-    from learnreg.eval.suites import get_suite
+    from learnreg.runner.evaluate import evaluate
+    from learnreg.runner.suites import get_suite
 
     suite = get_suite(suite_name)
     pairs = suite.pairs(data, _split(subjects) or None)

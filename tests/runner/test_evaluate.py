@@ -1,7 +1,11 @@
-"""Evaluation of methods on pairs: CSV parsing, records, resume, per-pair errors, TRE, ANTs."""
+"""The runner: method specs, records, resume, per-pair errors, TRE, isolation, ANTs.
+
+(The pairs CSV and atlas helpers are :mod:`learnreg.data.datasets`'s, tested in
+tests/data/test_datasets.py.)"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -12,18 +16,14 @@ import torch
 from scipy import ndimage
 
 from learnreg.core.errors import InputError
-from learnreg.eval import evaluate as ev
-from learnreg.eval.evaluate import (
-    Pair,
-    atlas_pairs,
-    evaluate,
-    evaluate_pair,
-    pairs_from_csv,
-    resolve_method,
-)
-from learnreg.eval.metrics import mean_dice
+from learnreg.data.datasets import Pair
 from learnreg.io.images import read_image, read_labels, write_image
 from learnreg.io.points import write_points
+from learnreg.metrics import mean_dice, score_result
+from learnreg.runner import evaluate as ev
+from learnreg.runner import methods as rm
+from learnreg.runner.evaluate import evaluate, evaluate_pair
+from learnreg.runner.methods import resolve_method
 from learnreg.spatial.sampling import resample
 
 SUBJECTS = ("S01", "S35", "S36")
@@ -90,60 +90,6 @@ def _identity_dice(small: Path, s: str) -> float:
     return mean_dice(f.data[0], m.data[0])
 
 
-# ---------------------------------------------------------------------------- pairs CSV
-def test_pairs_from_csv_resolves_relative_paths_and_names(tmp_path):
-    (tmp_path / "sub").mkdir()
-    csv = tmp_path / "sub/pairs.csv"
-    csv.write_text(
-        "fixed,moving,fixed_labels,moving_labels,name\n"
-        "a.nii.gz,b.nii.gz,la.nii.gz,lb.nii.gz,\n"
-        "/abs/a.nii.gz,c.nii.gz,,,custom name\n"
-    )
-    p1, p2 = pairs_from_csv(csv)
-    assert p1.name == "b_to_a" and p1.fixed == tmp_path / "sub/a.nii.gz"
-    assert p1.moving_labels == tmp_path / "sub/lb.nii.gz" and p1.fixed_points is None
-    assert p2.fixed == Path("/abs/a.nii.gz") and p2.fixed_labels is None
-    assert p2.name == "custom-name"
-
-
-@pytest.mark.parametrize(
-    ("text", "needle"),
-    [
-        ("fixed,labels\na,b\n", "unknown column(s) labels"),
-        ("fixed,fixed_labels\na,b\n", "missing column(s) moving"),
-        ("fixed,moving\n", "no pairs"),
-        ("fixed,moving\na,b\n,c\n", "row 3: column 'fixed' is empty"),
-        ("fixed,moving,fixed_labels,moving_labels\na,b,la,\n", "row 2: column 'fixed_labels'"),
-        ("fixed,moving\na,b\na,b\n", "row 3: pair name 'b_to_a' repeats row 2"),
-        ("fixed,moving\na,b,c\n", "row 2 has 3 fields"),
-    ],
-)
-def test_pairs_from_csv_errors_name_row_and_column(tmp_path, text, needle):
-    csv = tmp_path / "pairs.csv"
-    csv.write_text(text)
-    with pytest.raises(InputError, match="pairs.csv") as e:
-        pairs_from_csv(csv)
-    assert needle in str(e.value)
-    with pytest.raises(InputError, match="not found"):
-        pairs_from_csv(tmp_path / "nope.csv")
-
-
-def test_atlas_pairs(tmp_path):
-    for d in ("img", "lab"):
-        (tmp_path / d).mkdir()
-    for s in ("S01", "S02", "S03"):
-        (tmp_path / f"img/{s}.nii.gz").write_bytes(b"x")
-    pairs = atlas_pairs(tmp_path / "img/S01.nii.gz", tmp_path / "A.nii.gz", tmp_path / "img",
-                        tmp_path / "lab")  # fmt: skip
-    assert [p.name for p in pairs] == ["S02", "S03"]  # the atlas itself is left out
-    assert pairs[0].moving_labels == tmp_path / "lab/S02.nii.gz"
-    assert atlas_pairs(tmp_path / "img/S01.nii.gz", None, tmp_path / "img")[0].fixed_labels is None
-    with pytest.raises(InputError, match="no images matching"):
-        atlas_pairs(tmp_path / "img/S01.nii.gz", None, tmp_path / "img", pattern="*.mha")
-    with pytest.raises(InputError, match="atlas image not found"):
-        atlas_pairs(tmp_path / "x.nii.gz", None, tmp_path / "img")
-
-
 # ---------------------------------------------------------------------------- methods
 def test_resolve_method_specs_and_errors(tmp_path, monkeypatch):
     assert resolve_method("classical:affine").name == "classical:affine"
@@ -157,6 +103,8 @@ def test_resolve_method_specs_and_errors(tmp_path, monkeypatch):
         resolve_method("classical:nonsense")
     with pytest.raises(InputError, match="folder not found"):
         resolve_method(f"transforms:{tmp_path / 'missing'}")
+    with pytest.raises(InputError, match="options are refine=N, got 'steps=3'"):
+        resolve_method("model:lpba40-vxm-svf,steps=3")
     monkeypatch.setitem(sys.modules, "ants", None)  # simulate antspyx not installed
     with pytest.raises(InputError, match="antspyx is not installed"):
         resolve_method("ants:SyN")
@@ -172,14 +120,48 @@ def test_register_method_plugs_in_a_new_kind(small, tmp_path):
         def register(self, fixed, moving, pair=None):
             return RegistrationResult(fixed.grid, moving.grid)
 
-    ev.register_method("identity")(lambda arg: Identity())
+    rm.register_method("identity")(lambda arg: Identity())
     try:
         rec = evaluate_pair("identity:x", _pair(small, "S35"), tmp_path, qc=False)
     finally:
-        ev._REGISTRY.pop("identity")
+        rm._REGISTRY.pop("identity")
     assert rec["error"] is None and rec["method"] == "identity"
     assert rec["dice_mean"] == pytest.approx(_identity_dice(small, "S35"), abs=1e-9)
     assert rec["folding_count"] == 0 and rec["ice_mean"] is None
+
+
+def test_records_hold_the_numbers_of_score_result(small, tmp_path):
+    """The runner scores with :func:`learnreg.metrics.score_result`, the function
+    ``learnreg register`` and training validation use too."""
+    from learnreg.data.datasets import load_pair
+    from learnreg.spatial.affine import AffineTransform
+    from learnreg.spatial.result import RegistrationResult
+
+    shift = torch.eye(4)
+    shift[:3, 3] = torch.tensor([2.0, -1.0, 1.5])
+
+    class Shift:
+        name = "shift"
+
+        def register(self, fixed, moving, pair=None):
+            affine = AffineTransform(shift[None])
+            return RegistrationResult(fixed.grid, moving.grid, affine, info={"seconds": 0.25})
+
+    pair = _pair(small, "S35", points=True)
+    rec = evaluate_pair(Shift(), pair, tmp_path, qc=False)
+    assert rec["error"] is None, rec["error"]
+    inp = load_pair(pair)
+    scores = score_result(
+        Shift().register(inp.fixed, inp.moving),
+        fixed_labels=inp.fixed_labels,
+        moving_labels=inp.moving_labels,
+        fixed_points=inp.fixed_points,
+        moving_points=inp.moving_points,
+    )
+    for key in ("dice", "dice_mean", "hd95", "hd95_mean", "tre_mean", "tre_max",
+                "folding_fraction", "folding_count", "sdlogj", "ice_mean"):  # fmt: skip
+        assert rec[key] == scores[key], key
+    assert rec["seconds"] == 0.25  # the method's own timing wins over the runner's
 
 
 # ---------------------------------------------------------------------------- evaluate
@@ -206,8 +188,7 @@ def _slice2d(small: Path):
 
 
 def _with(p: Pair, **kw) -> Pair:
-    d = {**p.__dict__, **kw}
-    return Pair(**d)
+    return dataclasses.replace(p, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -279,13 +260,13 @@ def test_bad_pairs_give_error_records_naming_the_pair(run):
 def test_resume_skips_finished_pairs(run, monkeypatch):
     out, pairs, first = run
     calls = []
-    orig = ev.ClassicalMethod.register
+    orig = rm.ClassicalMethod.register
 
     def counting(self, fixed, moving, pair=None):
         calls.append(pair.name)
         return orig(self, fixed, moving, pair)
 
-    monkeypatch.setattr(ev.ClassicalMethod, "register", counting)
+    monkeypatch.setattr(rm.ClassicalMethod, "register", counting)
     again = evaluate(["classical:affine"], pairs, out, progress=False)
     assert calls == []  # good pairs cached; bad pairs retried but fail before registering
     assert [r["dice_mean"] for r in again] == [r["dice_mean"] for r in first]
@@ -304,7 +285,7 @@ def test_transforms_folder_from_saved_results(run, small, tmp_path):
     (tmp_path / "saved" / pair.name).mkdir(parents=True)
     save_result(result, tmp_path / "saved" / pair.name)
     rec = evaluate_pair(f"transforms:{tmp_path / 'saved'}", pair, tmp_path / "out")
-    direct = evaluate_pair(ev.ClassicalMethod("affine"), pair, tmp_path / "out2", qc=False)
+    direct = evaluate_pair(rm.ClassicalMethod("affine"), pair, tmp_path / "out2", qc=False)
     assert rec["error"] is None and rec["method"] == "transforms:saved"
     assert rec["dice_mean"] == pytest.approx(direct["dice_mean"], abs=0.01)
     assert rec["seconds"] == pytest.approx(result.info["seconds"])  # the original run's time

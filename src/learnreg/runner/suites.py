@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from learnreg.core.errors import InputError
-from learnreg.eval.evaluate import Pair
+from learnreg.data.datasets import Pair, Subject
 
 __all__ = ["Suite", "SUITES", "get_suite", "data_root", "suite_names"]
 
@@ -76,6 +76,7 @@ def _lpba40_pairs(root: Path, subjects: Sequence[str]) -> list[Pair]:
     if not (base / "images").is_dir():
         raise InputError(f"{base}: LPBA40 not found (expected images/ and labels/ inside)")
     available = sorted(p.name.removesuffix(".nii.gz") for p in (base / "images").glob("S*.nii.gz"))
+    atlas = Subject(base / "images" / "S01.nii.gz", base / "labels" / "S01.nii.gz")
     pairs = []
     for s in subjects:
         s = s.strip().upper()
@@ -88,14 +89,10 @@ def _lpba40_pairs(root: Path, subjects: Sequence[str]) -> list[Pair]:
         if s == "S01":
             raise InputError("--subjects: S01 is the fixed atlas of lpba40-atlas")
         pairs.append(
-            Pair(
-                name=f"{s}_to_S01",
-                fixed=base / "images" / "S01.nii.gz",
-                moving=base / "images" / f"{s}.nii.gz",
-                fixed_labels=base / "labels" / "S01.nii.gz",
-                moving_labels=base / "labels" / f"{s}.nii.gz",
+            Pair.of(
+                atlas, Subject(base / "images" / f"{s}.nii.gz", base / "labels" / f"{s}.nii.gz")
             )
-        )
+        )  # S35_to_S01
     return pairs
 
 
