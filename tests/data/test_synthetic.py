@@ -7,16 +7,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from learnreg.core.errors import InputError
 from learnreg.data.datasets import collate_pairs
+from learnreg.data.preprocess import NetworkGrid, Preprocessor
+from learnreg.data.sources import source_kinds, synthetic_datasets
 from learnreg.data.synthetic import (
     BRAIN_SLICES,
     PHOTOS,
     HomographyPairs,
     brain_slice_images,
+    folder_images,
     homography_pairs,
-    patch_corners,
     photo_images,
 )
+from learnreg.methods.homography import patch_corners
 
 skimage = pytest.importorskip("skimage")
 from skimage.transform import ProjectiveTransform  # noqa: E402
@@ -129,3 +133,37 @@ def test_bad_arguments_raise_value_error(photos) -> None:
         homography_pairs("faces")
     with pytest.raises(IndexError):
         HomographyPairs(photos, length=2, patch_size=64, rho=16)[2]
+
+
+def test_homography_source_for_the_trainer(data_root) -> None:
+    """``data.synthetic: {kind: homography}``: train and held-out pairs on the patch grid,
+    the preprocessor that puts a new pair there, images normalized as at prediction."""
+    assert {"homography", "warp"} <= set(source_kinds())
+    pre = Preprocessor(NetworkGrid((32, 32), None, "RAS", 4), (1.0, 99.0))
+    opts = {"kind": "homography", "patch_size": 64, "downsample": 2, "length": 5}
+    train, val = synthetic_datasets({**opts, "val_length": 3}, pre)
+    assert isinstance(train, HomographyPairs) and set(train.names) == set(PHOTOS["train"])
+    assert set(val.names) == set(PHOTOS["heldout"]) and len(val) == 3 and len(train) == 5
+    assert train.grid.shape == val.grid.shape == (32, 32) and train.rho == 16.0
+    net = train.preprocessor.network
+    assert net.shape == (32, 32) and net.levels == 0  # fixed size: no rounding up
+    assert train.preprocessor.percentiles == (1.0, 99.0)
+    item = train[0]
+    assert item["fixed"].shape == (1, 32, 32) and item["target"].shape == (4, 2)
+    assert float(item["moving"].max()) <= 1.0 and float(item["moving"].min()) >= 0.0
+    assert not torch.equal(val[0]["target"], train[0]["target"])
+    # an image folder (no held-out split unless val_images is given)
+    folder = data_root / "ants2d"
+    tr, va = synthetic_datasets({**opts, "images": str(folder), "image_size": [128, 128]}, pre)
+    assert va is None and len(tr.names) == 6
+    assert set(folder_images(folder, None, ["r16slice"])) == {"r16slice"}
+    _, none = synthetic_datasets({**opts, "val_images": False}, pre)
+    assert none is None
+    with pytest.raises(
+        InputError, match="unknown config key data.synthetic.patch_sise.*valid keys: kind"
+    ):
+        synthetic_datasets({**opts, "patch_sise": 3}, pre)
+    with pytest.raises(InputError, match=r"network grid is \(32, 32\)"):
+        synthetic_datasets({**opts, "downsample": 4}, pre)
+    with pytest.raises(InputError, match="patch_size"):
+        synthetic_datasets({"kind": "homography"}, Preprocessor(NetworkGrid()))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from learnreg.methods.base import MethodOutput, RegistrationBatch, RegistrationMethod
+from learnreg.methods.base import MethodOutput, RegistrationBatch, RegistrationMethod, unit_grid
 from learnreg.methods.registry import (
     available_methods,
     create_method,
@@ -14,6 +14,7 @@ from learnreg.methods.registry import (
     register_method,
 )
 from learnreg.methods.voxelmorph import VoxelMorph, VoxelMorphDiff, VoxelMorphWeakly
+from learnreg.spatial.displacement import DisplacementField
 
 SMALL = {"enc_features": (4, 8), "dec_features": (8, 8, 4)}
 
@@ -91,9 +92,10 @@ def test_batch_and_output_move_and_default_predict():
             self.amount = torch.nn.Parameter(torch.tensor(amount))
             self.drop = torch.nn.Dropout(0.5)
 
-        def forward(self, fixed, moving):
+        def forward(self, fixed, moving, grid=None):
+            grid = unit_grid(fixed) if grid is None else grid
             u = self.drop(torch.ones(fixed.shape[0], 2, *fixed.shape[2:])) * self.amount
-            return MethodOutput(u, moving, extras={"a": {"b": u}})
+            return MethodOutput(DisplacementField(grid, u), grid, moving, {"a": {"b": u}})
 
         def loss(self, batch, output):
             return {"total": output.displacement.mean()}
@@ -106,7 +108,8 @@ def test_batch_and_output_move_and_default_predict():
     out = m.predict(b.fixed, b.moving)  # eval mode: no dropout, no grad, mode restored
     assert m.training and not out.displacement.requires_grad
     assert torch.all(out.displacement == 2.0)
-    assert out.to("cpu").detach().extras["a"]["b"].shape == (1, 2, 4, 4)
+    assert out.extras["a"]["b"].shape == (1, 2, 4, 4) and out.warped.shape == (1, 1, 4, 4)
+    assert out.grid == unit_grid(b.fixed)
 
 
 def test_every_learned_method_offers_coord_conv():

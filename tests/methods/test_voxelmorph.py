@@ -14,16 +14,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from learnreg.eval.metrics import mean_dice
+from learnreg.core.grid import Grid
 from learnreg.io.images import read_image
+from learnreg.losses import functional as LF
 from learnreg.losses.functional import lncc
 from learnreg.methods.base import RegistrationBatch
 from learnreg.methods.registry import create_method
 from learnreg.methods.voxelmorph import degree_matrix, kl_divergence, one_hot_union
+from learnreg.metrics import mean_dice
 from learnreg.spatial.differential import jacobian_determinant
+from learnreg.spatial.displacement import DisplacementField
 from learnreg.spatial.fields import compose_displacements
 from learnreg.spatial.filters import gaussian_blur
 from learnreg.spatial.sampling import warp
+from learnreg.spatial.svf import StationaryVelocityField
 
 SMALL = {"enc_features": (16, 16, 16, 16), "dec_features": (16, 16, 16, 16, 16, 8)}
 TINY = {"enc_features": (4, 8), "dec_features": (8, 8, 4)}
@@ -48,15 +52,6 @@ def slices(data_root: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         img = F.interpolate(img[..., 32:224, 32:224], size=(64, 64), mode="area")
         out[name] = (img, tissue_labels(img))
     return out
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Training on 2 shared cores is several times faster on one thread than on two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def stack(names, slices):
@@ -134,7 +129,8 @@ def test_voxelmorph_diff_trains_without_folding(slices):
     with torch.no_grad():
         c = method(fixed, moving)
     assert not torch.equal(c.displacement, a.displacement)
-    assert torch.allclose(a.velocity, a.extras["mean"])
+    assert isinstance(a.transform, StationaryVelocityField)
+    assert torch.allclose(a.transform.velocity, a.extras["mean"])
 
 
 def test_voxelmorph_weakly_improves_label_overlap(slices):
@@ -163,11 +159,13 @@ def test_shapes_and_loss_terms(name, options, ndim, shape):
     out = method(fixed, moving)
     assert out.displacement.shape == (2, ndim, *shape)
     assert out.warped.shape == (2, 1, *shape)
+    coarse = tuple(s // method.int_downsize for s in shape)
     if method.integration_steps:
-        coarse = tuple(s // method.int_downsize for s in shape)
-        assert out.velocity.shape == (2, ndim, *coarse)
+        assert isinstance(out.transform, StationaryVelocityField)
+        assert out.transform.velocity.shape == (2, ndim, *coarse)
     else:
-        assert out.velocity is None
+        assert type(out.transform) is DisplacementField
+    assert out.transform.grid.shape == coarse
     if method.bidirectional:
         assert out.extras["backward_displacement"].shape == out.displacement.shape
         assert out.extras["warped_fixed"].shape == fixed.shape
@@ -214,12 +212,15 @@ def test_bidirectional_svf_backward_is_inverse():
         "voxelmorph", ndim=2, integration_steps=7, bidirectional=True, int_downsize=2, **TINY
     )
     out = method.predict(torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32))
-    back = method.to_displacement(-out.velocity, (32, 32))
+    back = out.transform.inverse().voxel_displacement(out.grid)
     assert torch.allclose(out.extras["backward_displacement"], back)
+    assert torch.allclose(out.inverse_displacement(), back)
     # exp(v) ∘ exp(−v) ≈ id for a smooth velocity on the coarse grid, upsampled
     v = gaussian_blur(torch.randn(1, 2, 16, 16), 3.0)
     v = 3.0 * v / v.abs().max()
-    u, w = method.to_displacement(v, (32, 32)), method.to_displacement(-v, (32, 32))
+    grid, coarse = Grid((32, 32)), Grid((32, 32)).resized((16, 16))
+    u = StationaryVelocityField(coarse, v, 7).voxel_displacement(grid)
+    w = StationaryVelocityField(coarse, -v, 7).voxel_displacement(grid)
     assert u.abs().max() > 2.0
     residual = compose_displacements(u, w)[..., 4:-4, 4:-4]  # away from the border
     assert residual.abs().max() < 0.05 * u.abs().max()
@@ -263,3 +264,165 @@ def test_kl_divergence_matches_the_paper():
     assert torch.isclose(extra, torch.tensor(0.5 * 2 * lam * 0.5 * (6 / 30) / 2))
     with pytest.raises(ValueError, match="kl_divergence"):
         kl_divergence(zero, zero[:, :1], lam)
+
+
+def test_train_then_register_oblique_pair_replays_in_simpleitk(data_root, tmp_path):
+    """Issue 11 proof: `learnreg train` a tiny model on real slices, `learnreg register
+    --model` a pair at another spacing and an oblique direction, SimpleITK replays it."""
+
+    from ._roundtrip import oblique_slices, register_and_replay, train
+
+    slices = data_root / "ants2d"
+    config = {
+        "method": "voxelmorph",
+        "method_config": {"ndim": 2, "enc_features": [8, 16], "dec_features": [16, 16, 8]},
+        "data": {"images": str(slices), "shape": [64, 64], "levels": 2},
+        "optimizer": {"lr": 1e-2},
+        "steps": 10,
+        "batch_size": 2,
+    }
+    ckpt = train(config, tmp_path / "train")
+    report = register_and_replay(ckpt, *oblique_slices(data_root, "r64slice"), tmp_path / "out")
+    assert report["manifest"]["info"]["transform"] == "DisplacementField"
+    assert report["max_warp_mm"] > 1.0  # a real deformation (mm), not the identity
+    print(f"MAD {report['mad']:.2e}, max |u| {report['max_warp_mm']:.2f} mm")
+
+
+# ---------------------------------------------------------------------------- losses by name
+def _pair_loss(method, seed: int = 0, labels: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    fixed, moving = torch.rand(2, 1, 16, 16, generator=g), torch.rand(2, 1, 16, 16, generator=g)
+    lab = (torch.rand(2, 1, 16, 16, generator=g) * 3).long() if labels else None
+    out = method(fixed, moving)
+    batch = RegistrationBatch(fixed, moving, lab, None if lab is None else lab.roll(2, -1))
+    return batch, out, method.loss(batch, out)
+
+
+def test_similarity_spec_is_the_loss_computed():
+    torch.manual_seed(0)
+    mse = create_method("voxelmorph", ndim=2, similarity={"mse": {}}, **TINY)
+    batch, out, terms = _pair_loss(mse)
+    assert torch.equal(terms["similarity"], LF.mse(batch.fixed, out.warped))
+    assert mse.config["reg_weight"] == 0.01  # MSE alone: the paper's λ, as similarity="mse"
+    torch.manual_seed(0)
+    spec = create_method("voxelmorph", ndim=2, similarity={"lncc": {"window": 5}}, **TINY)
+    batch, out, terms = _pair_loss(spec)
+    assert torch.equal(terms["similarity"], LF.lncc(batch.fixed, out.warped, window=5))
+    assert not torch.equal(terms["similarity"], LF.lncc(batch.fixed, out.warped))  # window reached
+    torch.manual_seed(0)
+    legacy = create_method("voxelmorph", ndim=2, similarity="lncc", window=5, **TINY)
+    _, _, old = _pair_loss(legacy)
+    assert old.keys() == terms.keys() and all(torch.equal(old[k], terms[k]) for k in old)
+
+
+def test_weighted_similarity_terms_and_regularization_spec():
+    torch.manual_seed(0)
+    method = create_method(
+        "voxelmorph",
+        ndim=2,
+        similarity={"lncc": {"window": 5}, "mse": {"weight": 0.5}},
+        regularization={"bending": 0.25, "tv": {"weight": 0.0}},
+        **TINY,
+    )
+    assert method.reg_weight is None and method.config["regularization"]["bending"] == 0.25
+    batch, out, terms = _pair_loss(method)
+    lncc5, mse = LF.lncc(batch.fixed, out.warped, window=5), LF.mse(batch.fixed, out.warped)
+    field = out.extras["field"]
+    assert torch.equal(terms["similarity_lncc"], lncc5) and torch.equal(
+        terms["similarity_mse"], mse
+    )
+    assert torch.allclose(terms["similarity"], lncc5 + 0.5 * mse)
+    assert "diffusion" not in terms  # the spec replaced the default regularizer
+    assert torch.equal(terms["bending"], LF.bending_energy(field))
+    assert torch.equal(terms["tv"], LF.total_variation(field))  # weight 0: reported only
+    assert torch.allclose(terms["total"], terms["similarity"] + 0.25 * terms["bending"])
+    none = create_method("voxelmorph", ndim=2, regularization={}, **TINY)
+    _, _, terms = _pair_loss(none)
+    assert set(terms) == {"similarity", "total"}
+
+
+def test_weakly_label_loss_and_similarity_specs():
+    torch.manual_seed(0)
+    method = create_method(
+        "voxelmorph-weakly",
+        ndim=2,
+        similarity=None,
+        label_loss={"msdice": {"scales": [0, 1]}},
+        regularization={"diffusion": 0.1},
+        **TINY,
+    )
+    batch, out, terms = _pair_loss(method, labels=True)
+    assert set(terms) == {"dice", "diffusion", "total"}
+    fo, mo = one_hot_union(batch.fixed_labels, batch.moving_labels)
+    expected = LF.multiscale_dice(fo, warp(mo, out.displacement), scales=[0, 1])
+    assert torch.equal(terms["dice"], expected)
+    with pytest.raises(ValueError, match="label_loss: 'lncc' is a similarity loss, not a label"):
+        create_method("voxelmorph-weakly", ndim=2, label_loss="lncc", **TINY)
+
+
+def test_loss_spec_errors_name_the_valid_choices():
+    def make(**kw):
+        return create_method("voxelmorph", ndim=2, **TINY, **kw)
+
+    with pytest.raises(ValueError, match=r"similarity: unknown loss 'lnc' \(did you mean 'lncc'"):
+        make(similarity={"lnc": {}})
+    with pytest.raises(
+        ValueError, match="similarity must be one of \\('lncc', 'mse'\\), got 'ncc'"
+    ):
+        make(similarity={"lncc": 1.0, "ncc": 1.0})
+    with pytest.raises(
+        ValueError, match="similarity: 'diffusion' is a regularizer loss, not a similarity loss"
+    ):
+        make(similarity="diffusion")
+    with pytest.raises(
+        ValueError,
+        match=r"regularization: 'lncc' is a similarity loss.*valid regularizer losses: .*bending",
+    ):
+        make(regularization={"lncc": 1.0})
+    with pytest.raises(ValueError, match=r"similarity\.lncc: .*\['windw'\]; valid: .*'window'"):
+        make(similarity={"lncc": {"windw": 5}})
+    with pytest.raises(ValueError, match="regularization.*or reg_weight.*not both"):
+        make(regularization={"diffusion": 1.0}, reg_weight=0.5)
+    with pytest.raises(ValueError, match="give the window in it"):
+        make(similarity={"lncc": {}}, window=5)
+    with pytest.raises(ValueError, match="window must be an odd positive int"):
+        make(window=4)
+    with pytest.raises(ValueError, match=r"taken by the method's own terms"):
+        make(regularization={"dice": {"loss": "diffusion"}})
+    with pytest.raises(ValueError, match="needs a similarity"):
+        make(similarity=None)
+
+
+def test_zoo_recipe_and_shipped_config_build_the_same_loss():
+    """configs/zoo declares the shipped model's terms by name; the shipped checkpoint's older
+    keys (similarity: lncc, window: 5, reg_weight: 1.0) build the same method and loss."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    recipe = yaml.safe_load((root / "configs/zoo/lpba40-vxm-svf.yaml").read_text())
+    shipped = {
+        "ndim": 3,
+        "similarity": "lncc",
+        "window": 5,
+        "dice_weight": 1.0,
+        "reg_weight": 1.0,
+        "integration_steps": 7,
+        "int_downsize": 2,
+    }  # method_config of src/learnreg/zoo/lpba40-vxm-svf/model.pt
+    small = {"enc_features": (4, 8), "dec_features": (8, 8, 4)}
+    torch.manual_seed(0)
+    old = create_method(recipe["method"], **shipped, **small)
+    new = create_method(recipe["method"], **recipe["method_config"], **small)
+    new.load_state_dict(old.state_dict())
+    assert old.state_dict().keys() == new.state_dict().keys()
+    g = torch.Generator().manual_seed(0)
+    fixed, moving = torch.rand(1, 1, 8, 12, 8, generator=g), torch.rand(1, 1, 8, 12, 8, generator=g)
+    lab = (torch.rand(1, 1, 8, 12, 8, generator=g) * 4).long()
+    batch = RegistrationBatch(fixed, moving, lab, lab.flip(-1))
+    with torch.no_grad():
+        a, b = (
+            old.loss(batch, old.predict(fixed, moving)),
+            new.loss(batch, new.predict(fixed, moving)),
+        )
+    assert a.keys() == b.keys() == {"similarity", "dice", "diffusion", "total"}
+    assert all(torch.equal(a[k], b[k]) for k in a)

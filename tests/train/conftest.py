@@ -1,4 +1,5 @@
-"""Fixtures of tests/train: 2D brain slices with intensity-class labels, one torch thread."""
+"""Fixtures of tests/train: 2D brain slices with intensity-class labels, one torch thread, a
+tiny VoxelMorph."""
 
 from __future__ import annotations
 
@@ -10,14 +11,14 @@ import torch
 from scipy import ndimage
 
 from learnreg.io.images import read_image, write_image
+from learnreg.methods.registry import create_method
+
+TINY_VXM = {"ndim": 2, "enc_features": [8, 16], "dec_features": [16, 16, 8], "window": 5}
+"""A real method, small enough for CPU tests: a two-level 2D VoxelMorph."""
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def tiny_vxm():
+    return create_method("voxelmorph", **TINY_VXM)
 
 
 def make_ants2d(data_root: Path, out: Path) -> Path:

@@ -12,12 +12,12 @@ from learnreg.core.errors import InputError
 from learnreg.train import checkpoint as ck
 from learnreg.train.checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
 
-from ._standin import StandIn
+from .conftest import tiny_vxm
 
 
-def _save(path, method="standin", **kw):
+def _save(path, method="voxelmorph", **kw):
     torch.manual_seed(0)
-    model = StandIn()
+    model = tiny_vxm()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     model(torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8)).warped.sum().backward()
     opt.step()
@@ -33,8 +33,8 @@ def _save(path, method="standin", **kw):
 def test_round_trip_weights_only(tmp_path):
     path, model, opt = _save(tmp_path / "c.pt", extra={"best_dice": 0.5})
     raw = torch.load(path, weights_only=True)  # plain types and tensors only
-    assert raw["method"] == "standin" and raw["step"] == 3 and raw["config"] == {"a": [1, 2]}
-    state = load_checkpoint(path, expected_method="standin")
+    assert raw["method"] == "voxelmorph" and raw["step"] == 3 and raw["config"] == {"a": [1, 2]}
+    state = load_checkpoint(path, expected_method="voxelmorph")
     for k, v in model.state_dict().items():
         assert torch.equal(state["model"][k], v)
     assert state["optimizer"]["state"][0]["exp_avg"].shape == next(model.parameters()).shape
@@ -51,7 +51,9 @@ def test_rng_states_restore():
 
 def test_other_method_version_and_corrupt(tmp_path, monkeypatch):
     path, *_ = _save(tmp_path / "c.pt")
-    with pytest.raises(InputError, match=r"c\.pt: checkpoint of method 'standin', expected 'vxm'"):
+    with pytest.raises(
+        InputError, match=r"c\.pt: checkpoint of method 'voxelmorph', expected 'vxm'"
+    ):
         load_checkpoint(path, expected_method="vxm")
     old, *_ = _save(tmp_path / "old.pt")
     monkeypatch.setattr(ck, "__version__", "7.0.0")

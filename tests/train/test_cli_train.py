@@ -1,4 +1,4 @@
-"""``learnreg train`` registered on a Typer app (the stand-in method behind create_method)."""
+"""``learnreg train`` registered on a Typer app, training a tiny VoxelMorph."""
 
 from __future__ import annotations
 
@@ -6,20 +6,12 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-import learnreg.methods.registry as registry
 from learnreg.cli.train import register_command
 
-from ._standin import StandIn
+from .conftest import TINY_VXM
 
 
-def test_train_command(ants2d, tmp_path, monkeypatch):
-    seen = {}
-
-    def fake_create(name, **cfg):
-        seen["name"], seen["cfg"] = name, cfg
-        return StandIn(**cfg)
-
-    monkeypatch.setattr(registry, "create_method", fake_create)
+def test_train_command(ants2d, tmp_path):
     app = typer.Typer()
     register_command(app)
 
@@ -28,8 +20,8 @@ def test_train_command(ants2d, tmp_path, monkeypatch):
         pass
 
     cfg = {
-        "method": "standin",
-        "method_config": {"features": 4},
+        "method": "voxelmorph",
+        "method_config": TINY_VXM,
         "data": {
             "images": "images",
             "labels": "labels",
@@ -50,8 +42,10 @@ def test_train_command(ants2d, tmp_path, monkeypatch):
         app, ["train", str(path), "--set", "steps=2", "--set", "val_every=1", "-o", str(out)]
     )
     assert r.exit_code == 0, r.output
-    assert seen == {"name": "standin", "cfg": {"features": 4}}
-    assert "trained 2 steps" in r.output and (out / "checkpoints" / "last.pt").is_file()
+    assert "trained 2 steps" in r.output and "best validation dice" in r.output
+    assert (out / "checkpoints" / "last.pt").is_file()
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["method_config"]["enc_features"] == [8, 16]
     r = CliRunner().invoke(
         app, ["train", str(path), "--set", "steps=3", "--resume", "-o", str(out)]
     )

@@ -32,7 +32,7 @@ def test_torchrun_two_ranks_agree(ants2d, tmp_path):
         assert torch.equal(w0[k], w1[k]), k
     s0, s1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert s0["step"] == s1["step"] == 4
-    assert s0["val_dice"] == s1["val_dice"]  # validation is sharded and all-reduced
+    assert s0["validation"] == s1["validation"]  # validation is sharded and all-reduced
     ck = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert ck["extra"]["world_size"] == 2
     assert all(torch.equal(ck["model"][k], w0[k]) for k in w0)

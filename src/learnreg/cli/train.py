@@ -26,6 +26,10 @@ def run_training(
     cfg = TrainConfig.from_yaml(config_path, overrides or [])
     if output is not None:
         cfg.output = str(output)
+    if cfg.init is not None:  # a shipped model's name becomes its file
+        from learnreg.zoo.models import resolve_model
+
+        cfg.init = str(resolve_model(cfg.init)[1])
     torch.manual_seed(cfg.seed)  # same initial weights on every rank and every run
     try:
         method = create_method(cfg.method, **cfg.method_config)
@@ -35,7 +39,7 @@ def run_training(
         if isinstance(e, InputError):
             raise
         raise InputError(f"{config_path}: method {cfg.method!r}: {e}") from None
-    train_set, val_set = build_datasets(cfg)
+    train_set, val_set = build_datasets(cfg, method)
     return Trainer(cfg, method, train_set, val_set).fit(resume=resume)
 
 
@@ -64,11 +68,14 @@ def register_command(app: typer.Typer) -> None:
         summary = run_training(config, set_ or [], resume, output)
         if summary.get("output") and _is_main():
             msg = f"trained {summary['step']} steps; outputs in {summary['output']}"
-            if summary.get("best_dice") is not None:
+            if summary.get("best_value") is not None:
                 msg += (
-                    f" (best validation Dice {summary['best_dice']:.4f} at step "
-                    f"{summary['best_step']}, identity {summary['identity_dice']:.4f})"
+                    f" (best validation {summary['best_key']} {summary['best_value']:.4f} at "
+                    f"step {summary['best_step']}"
                 )
+                if summary.get("identity_dice") is not None:
+                    msg += f", identity Dice {summary['identity_dice']:.4f}"
+                msg += ")"
             Console().print(msg, highlight=False)
 
 

@@ -13,10 +13,11 @@ points and the network predicts it, so a pair is:
 - ``moving``: the plain crop, ``moving(y) = I(p + y)``;
 - ``fixed``: the image sampled in the perturbed quadrilateral,
   ``fixed(x) = I(p + T(x))`` where ``T`` maps each patch corner ``c_k`` to ``c_k + δ_k``;
-- ``target``: the offsets ``δ`` ``(4, 2)`` of ``T`` at the corners ``c`` (:func:`patch_corners`:
-  the voxel centres ``(0, 0), (0, P−1), (P−1, P−1), (P−1, 0)``, in index ``(i, j)`` order,
-  voxel units of the item's grid), so that ``moving(T(x)) = fixed(x)``: DeTone's pair with
-  the warped patch as the fixed image and ``H_4pt`` as the fixed→moving corner offsets.
+- ``target``: the offsets ``δ`` ``(4, 2)`` of ``T`` at the corners ``c``
+  (:func:`learnreg.methods.homography.patch_corners`: the voxel centres ``(0, 0), (0, P−1),
+  (P−1, P−1), (P−1, 0)``, in index ``(i, j)`` order, voxel units of the item's grid), so
+  that ``moving(T(x)) = fixed(x)``: DeTone's pair with the warped patch as the fixed image and
+  ``H_4pt`` as the fixed→moving corner offsets.
 
 The fixed patch lies inside the image by construction (``p`` is at least ρ from the border);
 the moving patch misses part of what the fixed one shows near its border, as in DeTone's data.
@@ -32,7 +33,14 @@ never seen in training):
 
 - :func:`photo_images`: photographs bundled in the scikit-image wheel (``skimage.data``;
   nothing is downloaded); scikit-image is needed only here (the ``[test]`` extra);
-- :func:`brain_slice_images`: the 2D brain MR slices of ANTs' examples (``ants2d/*.jpg``).
+- :func:`brain_slice_images`: the 2D brain MR slices of ANTs' examples (``ants2d/*.jpg``);
+- :func:`folder_images`: the 2D images of any folder.
+
+``learnreg train`` builds these pairs by name (:func:`homography_source`, ``data.synthetic:
+{kind: homography, ...}``); the training set's :attr:`HomographyPairs.grid` is the patch grid
+and its :attr:`~HomographyPairs.preprocessor` puts a new image pair on a grid of that size over
+the fixed image's field of view, so ``learnreg register --model`` predicts the homography of
+any pair in world space.
 """
 
 from __future__ import annotations
@@ -48,7 +56,9 @@ from torch.utils.data import Dataset
 
 from learnreg.core.errors import InputError
 from learnreg.core.grid import Grid
-from learnreg.data.preprocess import NetworkGrid, Preprocessor
+from learnreg.data.preprocess import NetworkGrid, Preprocessor, normalize_intensity
+from learnreg.data.sources import register_source
+from learnreg.methods.homography import patch_corners
 from learnreg.spatial.homography import Homography
 from learnreg.spatial.sampling import sample_index
 
@@ -56,11 +66,15 @@ __all__ = [
     "PHOTOS",
     "BRAIN_SLICES",
     "SPLITS",
-    "patch_corners",
+    "IMAGE_SOURCES",
     "photo_images",
     "brain_slice_images",
+    "folder_images",
+    "source_images",
+    "source_options",
     "HomographyPairs",
     "homography_pairs",
+    "homography_source",
 ]
 
 SPLITS = ("train", "heldout", "all")
@@ -179,17 +193,73 @@ def brain_slice_images(
     return out
 
 
-def patch_corners(size: int | Sequence[int], dtype=torch.float32, device=None) -> torch.Tensor:
-    """The 4 corners ``(4, 2)`` of a patch of ``size`` voxels, index ``(i, j)`` order.
+def folder_images(
+    folder: str | os.PathLike,
+    image_size: Sequence[int] | None = (240, 320),
+    names: Sequence[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The 2D grayscale images of ``folder`` (any format :func:`learnreg.io.images.
+    read_image` reads; ``names`` selects by file name), ``name → (H, W)`` min-max scaled to
+    [0, 1] and resized to ``image_size`` (None: keep sizes)."""
+    from learnreg.data.datasets import folder_subjects
+    from learnreg.io.images import read_image
 
-    Voxel centres ``(0, 0), (0, W−1), (H−1, W−1), (H−1, 0)`` (align_corners convention).
-    """
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return torch.tensor(
-        [[0.0, 0.0], [0.0, w - 1.0], [h - 1.0, w - 1.0], [h - 1.0, 0.0]],
-        dtype=dtype,
-        device=device,
-    )
+    size = _check_size(image_size)
+    out = {}
+    for name, subject in folder_subjects(folder, None, names, require_labels=False).items():
+        a = read_image(subject.image).data
+        if a.dim() != 3 or a.shape[0] != 1:
+            raise InputError(f"{subject.image}: a 2D single-channel image is needed here")
+        a = a[0]
+        lo, hi = float(a.min()), float(a.max())
+        out[name] = _resize((a - lo) / max(hi - lo, 1e-8), size)
+    if not out:
+        raise InputError(f"{folder}: no images")
+    return out
+
+
+#: named 2D image sources of :func:`source_images` (anything else is a folder).
+IMAGE_SOURCES = ("photos", "brains", "both")
+
+
+def source_images(
+    source: str | os.PathLike,
+    split: str = "train",
+    image_size: Sequence[int] | None = (240, 320),
+    folder: str | os.PathLike | None = None,
+) -> dict[str, torch.Tensor]:
+    """2D images of a named source — ``"photos"`` (:func:`photo_images`), ``"brains"``
+    (:func:`brain_slice_images`, from ``folder``), ``"both"`` — for ``split``; or of an image
+    folder (``split`` ignored: the whole folder)."""
+    if str(source) not in IMAGE_SOURCES:
+        return folder_images(source, image_size)
+    images: dict[str, torch.Tensor] = {}
+    if source in ("photos", "both"):
+        images.update(photo_images(split, image_size))
+    if source in ("brains", "both"):
+        images.update(brain_slice_images(split, image_size, folder))
+    return images
+
+
+def source_options(kind: str, options: dict, defaults: dict) -> dict:
+    """``defaults`` updated by ``options`` of ``data.synthetic`` of ``kind``; unknown keys
+    raise :class:`InputError` with the valid ones."""
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise InputError(
+            f"unknown config key {', '.join('data.synthetic.' + k for k in unknown)} of "
+            f"kind {kind}; valid keys: {', '.join(['kind', *sorted(defaults)])}"
+        )
+    return {**defaults, **options}
+
+
+def normalized(images: Mapping[str, torch.Tensor], percentiles) -> dict[str, torch.Tensor]:
+    """``images`` normalized as the preprocessor normalizes inputs at prediction
+    (:func:`~learnreg.data.preprocess.normalize_intensity` with ``percentiles``; None keeps
+    them)."""
+    if percentiles is None:
+        return dict(images)
+    return {k: normalize_intensity(v, percentiles) for k, v in images.items()}
 
 
 class HomographyPairs(Dataset):
@@ -206,6 +276,9 @@ class HomographyPairs(Dataset):
         downsample: integer factor by which both patches are area-averaged (``target`` is on
             the coarse grid); ``patch_size`` must be divisible by it.
         seed: seed of the whole set.
+        preprocessor: how a new image pair is put on the network grid at prediction time
+            (its network shape must be the patch grid's); default: a grid of the patch size
+            over the fixed image's field of view, no intensity normalization.
 
     Items are dicts ``{"fixed", "moving"}`` ``(1, P, P)`` float32 (``P = patch_size //
     downsample``), ``"target"`` ``(4, 2)`` corner offsets (voxels, index order, fixed→moving
@@ -225,6 +298,7 @@ class HomographyPairs(Dataset):
         rho: float = 32.0,
         downsample: int = 1,
         seed: int = 0,
+        preprocessor: Preprocessor | None = None,
     ) -> None:
         if not images:
             raise ValueError("HomographyPairs: no images")
@@ -258,7 +332,14 @@ class HomographyPairs(Dataset):
         self.downsample, self.seed, self.margin = int(downsample), int(seed), margin
         self.size = self.patch_size // self.downsample
         self.grid = Grid((self.size, self.size))
-        self.preprocessor = Preprocessor(NetworkGrid(shape=self.grid.shape), percentiles=None)
+        if preprocessor is None:
+            preprocessor = Preprocessor(NetworkGrid(shape=self.grid.shape), percentiles=None)
+        if preprocessor.network.shape != self.grid.shape:
+            raise ValueError(
+                f"HomographyPairs: the preprocessor's network shape "
+                f"{preprocessor.network.shape} is not the patch grid {self.grid.shape}"
+            )
+        self.preprocessor = preprocessor
         pts = Grid((self.patch_size, self.patch_size)).index_points(torch.float64)
         self._points = pts.reshape(1, -1, 2)  # full-resolution patch voxels (P², 2)
         self._corners = patch_corners(self.patch_size, torch.float64)[None]
@@ -331,12 +412,94 @@ def homography_pairs(
 ) -> HomographyPairs:
     """:class:`HomographyPairs` of ``source`` — ``"photos"``, ``"brains"`` or ``"both"`` —
     images of ``split``, resized to ``image_size``; ``options`` go to the dataset."""
-    valid = ("photos", "brains", "both")
-    if source not in valid:
-        raise ValueError(f"source must be one of {valid}, got {source!r}")
-    images: dict[str, torch.Tensor] = {}
-    if source in ("photos", "both"):
-        images.update(photo_images(split, image_size))
-    if source in ("brains", "both"):
-        images.update(brain_slice_images(split, image_size, folder))
-    return HomographyPairs(images, **options)
+    if source not in IMAGE_SOURCES:
+        raise ValueError(f"source must be one of {IMAGE_SOURCES}, got {source!r}")
+    return HomographyPairs(source_images(source, split, image_size, folder), **options)
+
+
+_HOMOGRAPHY_DEFAULTS = {
+    "images": "photos",
+    "val_images": None,
+    "image_size": [240, 320],
+    "folder": None,
+    "patch_size": None,
+    "rho": None,
+    "downsample": 1,
+    "length": 10000,
+    "seed": 0,
+    "val_length": 256,
+    "val_seed": None,
+}
+
+
+@register_source("homography")
+def homography_source(
+    options: dict, preprocessor: Preprocessor
+) -> tuple[HomographyPairs, HomographyPairs | None]:
+    """``data.synthetic: {kind: homography, ...}``: DeTone's pairs for ``learnreg train``.
+
+    Keys (defaults): ``images`` (``photos``: a source of :func:`source_images` or an image
+    folder), ``val_images`` (default: the held-out split of a named source, none for a
+    folder; ``false``: no validation), ``image_size`` ([240, 320]; ``null`` keeps sizes),
+    ``folder`` (of the brain slices), ``patch_size`` (full-resolution patch; default the
+    network size × ``downsample``), ``rho`` (default ``patch_size / 4``, DeTone's 32 for 128),
+    ``downsample`` (1), ``length`` (10000), ``seed`` (0), ``val_length`` (256), ``val_seed``
+    (``seed + 1``). The network size is ``data.shape`` or the method's input shape; source
+    images are normalized with ``data.percentiles`` as inputs are at prediction.
+    """
+    o = source_options("homography", options, _HOMOGRAPHY_DEFAULTS)
+    net = preprocessor.network
+    down = int(o["downsample"])
+    if o["patch_size"] is None:
+        if net.shape is None or len(net.shape) != 2 or net.shape[0] != net.shape[1]:
+            raise InputError(
+                "config data.synthetic (homography): give patch_size, or data.shape / a "
+                f"fixed-size method with a square 2D input (network shape {net.shape})"
+            )
+        o["patch_size"] = int(net.shape[0]) * down
+    patch = int(o["patch_size"])
+    if down < 1 or patch % down:
+        raise InputError(
+            f"config data.synthetic (homography): downsample ({down}) must divide "
+            f"patch_size ({patch})"
+        )
+    shape = (patch // down,) * 2
+    if net.shape is not None and tuple(net.shape) != shape:
+        raise InputError(
+            f"config data.synthetic (homography): patches of {patch} px downsampled "
+            f"{down}× are {shape}, the network grid is {tuple(net.shape)}"
+        )
+    pre = Preprocessor(
+        NetworkGrid(shape, net.spacing, net.orientation, 0),
+        preprocessor.percentiles,
+        preprocessor.antialias,
+    )
+    size = None if o["image_size"] is None else tuple(o["image_size"])
+    pairs = {
+        "patch_size": patch,
+        "rho": patch / 4 if o["rho"] is None else float(o["rho"]),
+        "downsample": down,
+        "preprocessor": pre,
+    }
+    seed = int(o["seed"])
+    try:
+        train_images = source_images(o["images"], "train", size, o["folder"])
+        train = HomographyPairs(
+            normalized(train_images, pre.percentiles), int(o["length"]), seed=seed, **pairs
+        )
+        val_source = o["val_images"]
+        if val_source is None and str(o["images"]) in IMAGE_SOURCES:
+            val_source = o["images"]
+        val = None
+        if val_source not in (None, False) and int(o["val_length"]) > 0:
+            val_images = source_images(val_source, "heldout", size, o["folder"])
+            val_seed = seed + 1 if o["val_seed"] is None else int(o["val_seed"])
+            val = HomographyPairs(
+                normalized(val_images, pre.percentiles),
+                int(o["val_length"]),
+                seed=val_seed,
+                **pairs,
+            )
+    except ValueError as e:
+        raise InputError(f"config data.synthetic (homography): {e}") from None
+    return train, val

@@ -15,24 +15,41 @@
   :meth:`~VoxelMorph.loss`; :meth:`~VoxelMorph.forward` never needs them.
 
 All fields are in voxel units of the grid they live on, fixed→moving (``ARCHITECTURE.md``).
+
+Loss terms are declared by name through the loss registry (:class:`~learnreg.losses.LossTerms`),
+e.g. in a training config::
+
+    method: voxelmorph
+    method_config:
+      similarity: {lncc: {window: 9}}    # or a name (mse), or several weighted terms
+      regularization: {diffusion: 1.0}   # name: weight, or name: {weight: .., options..}
+
+The older keys (``similarity: lncc``, ``window``, ``reg_weight``) mean the same and still work:
+``similarity: lncc, window: 5, reg_weight: 1.0`` is ``similarity: {lncc: {window: 5}},
+regularization: {diffusion: 1.0}``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from learnreg.losses import functional as LF
-from learnreg.methods.base import MethodOutput, RegistrationBatch, RegistrationMethod
+from learnreg.core.grid import Grid
+from learnreg.core.options import check_option
+from learnreg.losses.modules import MSELoss, loss_class
+from learnreg.losses.terms import LossSpec, LossTerms
+from learnreg.methods.base import MethodOutput, RegistrationBatch, RegistrationMethod, unit_grid
 from learnreg.methods.registry import register_method
 from learnreg.nn.blocks import FlowHead
 from learnreg.nn.unet import UNet
-from learnreg.spatial.fields import resize_displacement
+from learnreg.spatial.base import SpatialTransform
+from learnreg.spatial.displacement import DisplacementField
 from learnreg.spatial.sampling import warp
-from learnreg.spatial.svf import integrate_velocity
+from learnreg.spatial.svf import StationaryVelocityField
 
 __all__ = [
     "SIMILARITIES",
@@ -45,13 +62,11 @@ __all__ = [
 ]
 
 SIMILARITIES = ("lncc", "mse")
+"""The similarity losses of the VoxelMorph papers, the ones the methods accept (with their
+registry aliases: ``cc``, ``lcc``, ``local_ncc``, ``ssd``)."""
 LABEL_LOSSES = ("dice", "multiscale_dice")
-_DEFAULT_REG_WEIGHT = {"lncc": 1.0, "mse": 0.01, None: 1.0}
-
-
-def _check_choice(name: str, value: object, valid: Sequence[object]) -> None:
-    if value not in valid:
-        raise ValueError(f"{name} must be one of {tuple(valid)}, got {value!r}")
+"""The label losses of the papers (any registered label loss is accepted)."""
+_RESERVED_TERMS = ("similarity", "dice", "kl", "total")
 
 
 # ---------------------------------------------------------------------------- KL of vxm-diff
@@ -126,10 +141,21 @@ class VoxelMorph(RegistrationMethod):
         ndim: 2 or 3 spatial dimensions.
         enc_features, dec_features, norm, coord_conv: the :class:`~learnreg.nn.unet.UNet`
             (VoxelMorph-2 defaults); input sizes must be divisible by ``2**len(enc_features)``.
-        similarity: ``"lncc"`` (local NCC, ``window`` voxels) or ``"mse"``.
-        window: LNCC window (odd).
-        reg_weight: weight λ of the diffusion regularizer; default 1.0 for LNCC and 0.01 for
-            MSE (the paper's values). ``create_method`` also accepts the key ``"lambda"``.
+        similarity: the image term: a similarity loss by registry name (the papers'
+            ``"lncc"`` or ``"mse"``, :data:`SIMILARITIES`) or a spec of named weighted terms
+            of them (:mod:`learnreg.losses.terms`), e.g. ``{"lncc": {"window": 9}}`` or
+            ``{"lncc": {"window": 5}, "mse": 0.1}``. The loss dict's ``"similarity"`` is their
+            weighted sum (and ``"similarity_<name>"`` each term's value when there are
+            several).
+        window: window of a similarity given by name (LNCC; odd); None: the loss's default
+            (LNCC: 9). Ignored for losses without a window; with a spec, give it in the spec.
+        reg_weight: weight λ of the diffusion regularizer when ``regularization`` is not
+            given; default 1.0, or 0.01 when the similarity is MSE alone (the paper's
+            values). ``create_method`` also accepts the key ``"lambda"``.
+        regularization: regularizers of the network's field by name and weight, e.g.
+            ``{"diffusion": 1.0}`` or ``{"diffusion": 0.5, "bending": {"weight": 0.1}}``
+            (registered ``regularizer`` losses; each term's value is in the loss dict by its
+            name); replaces ``reg_weight``. ``{}``: none.
         bidirectional: also warp the fixed image by the backward field (``exp(−v)`` with
             integration, else the negated displacement, as VoxelMorph's ``bidir``) and use
             ``½ sim(fixed, moving∘φ) + ½ sim(moving, fixed∘φ⁻¹)``.
@@ -150,9 +176,10 @@ class VoxelMorph(RegistrationMethod):
         ndim: int = 3,
         enc_features: Sequence[int] = (16, 32, 32, 32),
         dec_features: Sequence[int] = (32, 32, 32, 32, 32, 16, 16),
-        similarity: str | None = "lncc",
-        window: int = 9,
+        similarity: LossSpec = "lncc",
+        window: int | None = None,
         reg_weight: float | None = None,
+        regularization: LossSpec = None,
         bidirectional: bool = False,
         integration_steps: int = 0,
         int_downsize: int = 1,
@@ -160,21 +187,36 @@ class VoxelMorph(RegistrationMethod):
         coord_conv: bool = False,
     ) -> None:
         super().__init__()
-        _check_choice("ndim", ndim, (2, 3))
-        _check_choice("similarity", similarity, self._similarities())
+        check_option("ndim", ndim, (2, 3))
         if integration_steps < 0:
             raise ValueError(f"integration_steps must be >= 0, got {integration_steps}")
         if int_downsize < 1:
             raise ValueError(f"int_downsize must be >= 1, got {int_downsize}")
-        if window < 1 or window % 2 == 0:
-            raise ValueError(f"window must be an odd positive int, got {window}")
         self.ndim = ndim
         self.similarity = similarity
-        self.window = int(window)
-        self.reg_weight = float(
-            _DEFAULT_REG_WEIGHT[similarity] if reg_weight is None else reg_weight
-        )
-        self.resolve(reg_weight=self.reg_weight)
+        self.similarity_terms = self.build_similarity(similarity, window)
+        self.window = None if window is None else int(window)
+        if regularization is not None and reg_weight is not None:
+            raise ValueError(
+                "give regularization (e.g. {diffusion: 1.0}) or reg_weight (the diffusion "
+                "weight), not both"
+            )
+        if regularization is None:
+            sim = self.similarity_terms
+            mse_only = sim is not None and len(sim) == 1 and isinstance(sim.losses[0], MSELoss)
+            default = 0.01 if mse_only else 1.0
+            self.reg_weight: float | None = float(default if reg_weight is None else reg_weight)
+            self.resolve(reg_weight=self.reg_weight)
+            regularization = {"diffusion": self.reg_weight}
+        else:
+            self.reg_weight = None
+        self.regularization_terms = LossTerms(regularization, "regularizer", role="regularization")
+        clash = sorted(set(self.regularization_terms.names) & set(_RESERVED_TERMS))
+        if clash:
+            raise ValueError(
+                f"regularization: term name(s) {clash} are taken by the method's own terms "
+                f"{_RESERVED_TERMS}; name them e.g. {{my_{clash[0]}: {{loss: ...}}}}"
+            )
         self.bidirectional = bool(bidirectional)
         self.integration_steps = int(integration_steps)
         self.int_downsize = int(int_downsize)
@@ -182,9 +224,45 @@ class VoxelMorph(RegistrationMethod):
         self.build_heads(self.unet.out_channels)
 
     # -- pieces a variant overrides
-    @classmethod
-    def _similarities(cls) -> tuple:
-        return SIMILARITIES
+    allow_no_similarity: ClassVar[bool] = False
+    """Whether ``similarity=None`` (no image term) is allowed."""
+    similarity_losses: ClassVar[tuple[str, ...] | None] = SIMILARITIES
+    """Registry similarity losses the method accepts (aliases included); None: any."""
+
+    def build_similarity(self, similarity: LossSpec, window: int | None) -> LossTerms | None:
+        """The image terms of ``similarity`` (the legacy ``window`` applies to a name)."""
+        if window is not None and (
+            isinstance(window, bool) or int(window) != window or window < 1 or window % 2 == 0
+        ):
+            raise ValueError(f"window must be an odd positive int, got {window}")
+        if similarity is None:
+            if not self.allow_no_similarity:
+                raise ValueError(
+                    f"{self.name or type(self).__name__} needs a similarity (e.g. 'lncc')"
+                )
+            return None
+        if isinstance(similarity, str):
+            terms = LossTerms(similarity, "similarity", role="similarity")
+            if window is not None and "window" in terms.losses[0].option_names():
+                terms = LossTerms({similarity: {"window": int(window)}}, "similarity")
+            return self._check_similarities(terms)
+        if window is not None:
+            raise ValueError(
+                f"window is the shorthand of a similarity given by name; with the spec "
+                f"{similarity!r} give the window in it, e.g. {{lncc: {{window: {window}}}}}"
+            )
+        terms = LossTerms(similarity, "similarity", role="similarity")
+        if not len(terms):
+            raise ValueError("similarity: no term given (use None to train without one)")
+        return self._check_similarities(terms)
+
+    def _check_similarities(self, terms: LossTerms) -> LossTerms:
+        if self.similarity_losses is not None:
+            allowed = {loss_class(n)[0] for n in self.similarity_losses}
+            for t, loss in zip(terms.specs, terms.losses, strict=True):
+                if type(loss) not in allowed:
+                    check_option("similarity", t.loss, self.similarity_losses)
+        return terms
 
     def build_heads(self, channels: int) -> None:
         """Create the output head(s) on ``channels`` U-Net features."""
@@ -194,15 +272,20 @@ class VoxelMorph(RegistrationMethod):
         """The field (displacement or velocity) on the coarse grid, and extras."""
         return self.flow(features), {}
 
-    def image_loss(self, target: Tensor, warped: Tensor) -> Tensor:
-        """Dissimilarity of ``warped`` to ``target`` (the method's image term)."""
-        if self.similarity == "lncc":
-            return LF.lncc(target, warped, window=self.window)
-        return LF.mse(target, warped)
+    def image_loss(self, target: Tensor, warped: Tensor) -> dict[str, Tensor]:
+        """Dissimilarity of ``warped`` to ``target``: each similarity term by name, and their
+        weighted sum ``"total"`` (the method's image term)."""
+        assert self.similarity_terms is not None
+        return self.similarity_terms(target, warped)
 
     def regularization(self, output: MethodOutput) -> dict[str, tuple[float, Tensor]]:
-        """Named ``(weight, value)`` regularization terms."""
-        return {"diffusion": (self.reg_weight, LF.diffusion(output.extras["field"]))}
+        """Named ``(weight, value)`` regularization terms of the network's field (velocity or
+        coarse displacement, voxel units of its grid)."""
+        reg = self.regularization_terms
+        if not len(reg):
+            return {}
+        values = reg(output.extras["field"])
+        return {name: (w, values[name]) for name, w in reg.weights.items()}
 
     def supervision(
         self, batch: RegistrationBatch, output: MethodOutput
@@ -219,16 +302,17 @@ class VoxelMorph(RegistrationMethod):
         f = self.int_downsize
         return tuple(max(2, -(-int(s) // f)) if s > 1 else 1 for s in shape)
 
-    def to_displacement(self, field: Tensor, shape: Sequence[int]) -> Tensor:
-        """Integrate (if a velocity) and upsample the coarse ``field`` to ``shape``."""
-        u = integrate_velocity(field, self.integration_steps) if self.integration_steps else field
-        return u if tuple(u.shape[2:]) == tuple(shape) else resize_displacement(u, shape)
+    @property
+    def size_multiple(self) -> int:
+        return self.unet.size_multiple
 
-    def inverse_displacement(self, output: MethodOutput) -> Tensor:
-        """``exp(−v)`` (upsampled) for a velocity; else as :class:`RegistrationMethod`."""
-        if not self.integration_steps:
-            return super().inverse_displacement(output)
-        return self.to_displacement(-output.extras["field"], output.displacement.shape[2:])
+    def field_transform(self, field: Tensor, grid: Grid) -> SpatialTransform:
+        """The transform of the network's ``field`` on the coarse copy of ``grid`` it lives
+        on: a stationary velocity (``integration_steps > 0``) or a displacement."""
+        coarse = grid.resized(field.shape[2:])
+        if self.integration_steps:
+            return StationaryVelocityField(coarse, field, self.integration_steps)
+        return DisplacementField(coarse, field)
 
     def check_pair(self, fixed: Tensor, moving: Tensor) -> None:
         if fixed.dim() != self.ndim + 2 or fixed.shape != moving.shape or fixed.shape[1] != 1:
@@ -238,8 +322,9 @@ class VoxelMorph(RegistrationMethod):
                 f"{tuple(moving.shape)}"
             )
 
-    def forward(self, fixed: Tensor, moving: Tensor) -> MethodOutput:
+    def forward(self, fixed: Tensor, moving: Tensor, grid: Grid | None = None) -> MethodOutput:
         self.check_pair(fixed, moving)
+        grid = unit_grid(fixed) if grid is None else grid
         shape = tuple(fixed.shape[2:])
         features = self.unet(torch.cat([moving, fixed], 1))
         coarse = self.field_shape(shape)
@@ -248,30 +333,35 @@ class VoxelMorph(RegistrationMethod):
             features = F.interpolate(features, size=coarse, mode=mode, align_corners=True)
         field, extras = self.predict_field(features)
         extras["field"] = field
-        displacement = self.to_displacement(field, shape)
-        warped = warp(moving, displacement)
+        transform = self.field_transform(field, grid)
+        out = MethodOutput(transform, grid, moving, extras)
         if self.bidirectional:
-            if self.integration_steps:
-                backward = self.to_displacement(-field, shape)
-            else:
-                backward = -displacement
-            extras["backward_displacement"] = backward
-            extras["warped_fixed"] = warp(fixed, backward)
-        velocity = field if self.integration_steps else None
-        return MethodOutput(displacement, warped, velocity, extras)
+            backward = transform.inverse() if self.integration_steps else None
+            back = (
+                backward.voxel_displacement(grid)
+                if backward is not None
+                else -out.displacement  # VoxelMorph's bidir for a plain displacement
+            )
+            out.extras["backward_displacement"] = back
+            out.extras["warped_fixed"] = warp(fixed, back)
+        return out
 
     def loss(self, batch: RegistrationBatch, output: MethodOutput) -> dict[str, Tensor]:
         terms: dict[str, tuple[float, Tensor]] = {}
+        parts: dict[str, Tensor] = {}  # values of the terms inside a group (logged only)
         w = self.image_weight()
-        if w and self.similarity is not None:
+        if w and self.similarity_terms is not None:
             sim = self.image_loss(batch.fixed, output.warped)
             if self.bidirectional:
                 back = self.image_loss(batch.moving, output.extras["warped_fixed"])
-                sim = 0.5 * (sim + back)
-            terms["similarity"] = (w, sim)
+                sim = {k: 0.5 * (sim[k] + back[k]) for k in sim}
+            terms["similarity"] = (w, sim["total"])
+            if len(self.similarity_terms) > 1:
+                parts.update({f"similarity_{k}": v for k, v in sim.items() if k != "total"})
         terms.update(self.supervision(batch, output))
         terms.update(self.regularization(output))
         out = {name: value for name, (_, value) in terms.items()}
+        out.update(parts)
         out["total"] = sum(weight * value for weight, value in terms.values())
         return out
 
@@ -325,7 +415,7 @@ class VoxelMorphDiff(VoxelMorph):
             enc_features,
             dec_features,
             similarity="mse",
-            reg_weight=1.0,
+            regularization={},  # the KL divergence (below) is its regularizer
             bidirectional=bidirectional,
             integration_steps=integration_steps,
             int_downsize=int_downsize,
@@ -366,32 +456,40 @@ class VoxelMorphWeakly(VoxelMorph):
     """VoxelMorph trained with labels: Dice of warped one-hot moving labels vs fixed labels.
 
     Loss = ``image_weight`` × similarity (skipped when 0 or ``similarity=None``) +
-    ``dice_weight`` × (``label_loss``: soft ``"dice"`` or Hu et al.'s ``"multiscale_dice"``)
-    + ``reg_weight`` × diffusion. The moving labels' one-hot channels (union of both maps'
-    labels; background dropped unless ``include_background``) are warped by linear
-    interpolation, so the Dice is differentiable in the displacement. Batches without labels
-    raise a ValueError in :meth:`loss`; :meth:`forward` never needs labels.
+    ``dice_weight`` × ``label_loss`` + regularization (``reg_weight`` × diffusion by default).
+    ``label_loss`` is a registered label loss by name — soft ``"dice"`` or Hu et al.'s
+    ``"multiscale_dice"`` — or a spec of named weighted label terms (e.g.
+    ``{"msdice": {"scales": [0, 1, 2, 4]}}``); the loss dict's ``"dice"`` is their weighted
+    sum. The moving labels' one-hot channels (union of both maps' labels; background dropped
+    unless ``include_background``) are warped by linear interpolation, so the Dice is
+    differentiable in the displacement. Batches without labels raise a ValueError in
+    :meth:`loss`; :meth:`forward` never needs labels. Other arguments as :class:`VoxelMorph`.
     """
+
+    allow_no_similarity: ClassVar[bool] = True
 
     def __init__(
         self,
         ndim: int = 3,
         enc_features: Sequence[int] = (16, 32, 32, 32),
         dec_features: Sequence[int] = (32, 32, 32, 32, 32, 16, 16),
-        similarity: str | None = "lncc",
-        window: int = 9,
+        similarity: LossSpec = "lncc",
+        window: int | None = None,
         image_weight: float = 1.0,
         dice_weight: float = 1.0,
-        label_loss: str = "dice",
+        label_loss: LossSpec = "dice",
         include_background: bool = False,
         reg_weight: float | None = None,
+        regularization: LossSpec = None,
         bidirectional: bool = False,
         integration_steps: int = 0,
         int_downsize: int = 1,
         norm: str | None = None,
         coord_conv: bool = False,
     ) -> None:
-        _check_choice("label_loss", label_loss, LABEL_LOSSES)
+        label_terms = LossTerms(label_loss, "label", role="label_loss")
+        if not len(label_terms):
+            raise ValueError(f"label_loss: no term given; e.g. one of {LABEL_LOSSES}")
         if image_weight < 0 or dice_weight < 0:
             raise ValueError(f"weights must be >= 0, got {image_weight}, {dice_weight}")
         super().__init__(
@@ -401,6 +499,7 @@ class VoxelMorphWeakly(VoxelMorph):
             similarity=similarity,
             window=window,
             reg_weight=reg_weight,
+            regularization=regularization,
             bidirectional=bidirectional,
             integration_steps=integration_steps,
             int_downsize=int_downsize,
@@ -410,11 +509,8 @@ class VoxelMorphWeakly(VoxelMorph):
         self._image_weight = float(image_weight)
         self.dice_weight = float(dice_weight)
         self.label_loss = label_loss
+        self.label_terms = label_terms
         self.include_background = bool(include_background)
-
-    @classmethod
-    def _similarities(cls) -> tuple:
-        return (*SIMILARITIES, None)
 
     def image_weight(self) -> float:
         return self._image_weight
@@ -432,5 +528,4 @@ class VoxelMorphWeakly(VoxelMorph):
         if fixed_oh.shape[1] == 0:
             return {"dice": (self.dice_weight, output.warped.new_zeros(()))}
         warped_oh = warp(moving_oh, output.displacement)
-        fn = LF.dice if self.label_loss == "dice" else LF.multiscale_dice
-        return {"dice": (self.dice_weight, fn(fixed_oh, warped_oh))}
+        return {"dice": (self.dice_weight, self.label_terms(fixed_oh, warped_oh)["total"])}

@@ -66,6 +66,11 @@ class UNet(nn.Module):
             prev = f + skips[i] if i < self.depth else f
         self.out_channels = prev
 
+    @property
+    def size_multiple(self) -> int:
+        """Input sizes must be multiples of ``2**depth``."""
+        return 2**self.depth
+
     def check_input(self, x: Tensor) -> None:
         """Raise a ValueError unless ``x`` is ``(N, in_channels, *S)`` with S divisible."""
         if x.dim() != self.ndim + 2 or x.shape[1] != self.in_channels:
@@ -73,7 +78,7 @@ class UNet(nn.Module):
                 f"UNet: expected input (N, {self.in_channels}, *S) with {self.ndim} spatial "
                 f"dims, got {tuple(x.shape)}"
             )
-        k = 2**self.depth
+        k = self.size_multiple
         bad = [s for s in x.shape[2:] if s % k]
         if bad:
             raise ValueError(

@@ -8,7 +8,7 @@ None)::
     method          the method's registry name
     step            optimizer steps done
     model           the method's state_dict
-    optimizer       the optimizer's state_dict (or None)
+    optimizer       {group: optimizer state_dict} (or None; one state_dict when given one)
     scaler          the AMP GradScaler's state_dict (or None)
     rng             {"torch": uint8 tensor, "cuda": [uint8 tensors], "numpy": [...],
                      "python": [...]}: the global random states, as plain types

@@ -39,6 +39,7 @@ from typing import Any
 import yaml
 
 from learnreg.core.errors import InputError
+from learnreg.core.options import check_option
 from learnreg.data.augment import AugmentConfig
 
 __all__ = ["DataConfig", "OptimizerConfig", "TrainConfig", "parse_override"]
@@ -57,7 +58,7 @@ class DataConfig:
     Either ``images`` (+ optional ``labels``) folders with ``train``/``val`` subject lists
     (default: all images for training, none for validation) and an optional ``atlas``
     (atlas-to-subject; without it every ordered pair of training subjects), or ``train_csv``
-    (+ ``val_csv``) files of pairs. Relative paths are relative to the YAML file.
+    (+ ``val_csv``) files of pairs, or ``synthetic`` known-warp pairs of real images. Relative paths are relative to the YAML file.
     ``prealign`` (``rigid`` or ``affine``) registers each moving image to its fixed image with
     that classical preset first, as prediction does before the network runs.
     """
@@ -76,22 +77,22 @@ class DataConfig:
     percentiles: list[float] | None = field(default_factory=lambda: [1.0, 99.0])
     prealign: str | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    synthetic: dict | None = None
+    """Known-warp pairs made from real images instead of pairs of files: ``kind`` and its
+    options (see :func:`learnreg.data.sources.synthetic_datasets`)."""
 
     def validate(self) -> DataConfig:
-        if self.images is None and self.train_csv is None:
-            raise InputError("config data: give data.images (a folder) or data.train_csv")
-        if self.images is not None and self.train_csv is not None:
-            raise InputError("config data: give data.images or data.train_csv, not both")
-        if self.orientation not in _ORIENTATIONS:
+        given = [k for k in ("images", "train_csv", "synthetic") if getattr(self, k) is not None]
+        if not given:
             raise InputError(
-                f"config data.orientation must be one of {_ORIENTATIONS}, got {self.orientation!r}"
+                "config data: give data.images (a folder), data.train_csv or data.synthetic"
             )
+        if len(given) > 1:
+            raise InputError(f"config data: give one of {', '.join(given)}, not several")
+        check_option("config data.orientation", self.orientation, _ORIENTATIONS, InputError)
         if self.levels < 0:
             raise InputError(f"config data.levels must be >= 0, got {self.levels}")
-        if self.prealign not in _PREALIGN:
-            raise InputError(
-                f"config data.prealign must be one of {_PREALIGN}, got {self.prealign!r}"
-            )
+        check_option("config data.prealign", self.prealign, _PREALIGN, InputError)
         return self
 
 
@@ -104,22 +105,28 @@ class OptimizerConfig:
     grad_clip: float | None = None
     schedule: str = "constant"
     min_lr: float = 0.0
+    groups: dict = field(default_factory=dict)
+    """Per parameter group of the method (e.g. ``discriminator``): ``{lr, weight_decay}``
+    overriding the values above for that group's optimizer."""
 
     def validate(self) -> OptimizerConfig:
-        if self.name not in _OPTIMIZERS:
-            raise InputError(
-                f"config optimizer.name must be one of {_OPTIMIZERS}, got {self.name!r}"
-            )
+        check_option("config optimizer.name", self.name, _OPTIMIZERS, InputError)
         if not self.lr > 0:
             raise InputError(f"config optimizer.lr must be > 0, got {self.lr}")
-        if self.schedule not in _SCHEDULES:
-            raise InputError(
-                f"config optimizer.schedule must be one of {_SCHEDULES}, got {self.schedule!r}"
-            )
+        check_option("config optimizer.schedule", self.schedule, _SCHEDULES, InputError)
         if not 0 <= self.min_lr <= self.lr:
             raise InputError(
                 f"config optimizer.min_lr must be in [0, lr = {self.lr}], got {self.min_lr}"
             )
+        for name, opts in self.groups.items():
+            bad = sorted(set(opts) - {"lr", "weight_decay"}) if isinstance(opts, dict) else None
+            if bad is None or bad:
+                raise InputError(
+                    f"config optimizer.groups.{name} must map lr and/or weight_decay to numbers"
+                    f", got {opts!r}"
+                )
+            if "lr" in opts and not float(opts["lr"]) > 0:
+                raise InputError(f"config optimizer.groups.{name}.lr must be > 0")
         return self
 
     def lr_at(self, step: int, steps: int) -> float:
@@ -159,8 +166,8 @@ class TrainConfig:
         for k in ("steps", "batch_size", "val_every", "checkpoint_every", "log_every"):
             if getattr(self, k) < 1:
                 raise InputError(f"config {k} must be >= 1, got {getattr(self, k)}")
-        if self.device not in _DEVICES and not self.device.startswith("cuda:"):
-            raise InputError(f"config device must be one of {_DEVICES}, got {self.device!r}")
+        if not str(self.device).startswith("cuda:"):
+            check_option("config device", self.device, _DEVICES, InputError)
         self.data.validate()
         self.optimizer.validate()
         return self

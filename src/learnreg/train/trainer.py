@@ -1,7 +1,12 @@
 """One trainer for every registration method: single process or DDP through ``torchrun``.
 
-The trainer only uses the method interface (``forward``, ``loss``, ``predict``, a
-``MethodOutput`` with a voxel displacement); it never looks at a method's name.
+The trainer only uses the method interface (``forward``, ``loss``, ``validate``,
+``parameter_groups``, ``input_shape``); it never looks at a method's name, nor at its kind of
+transform or supervision. Any dataset works that yields the items :func:`~learnreg.data.
+datasets.collate_pairs` stacks (pairs of files, known-warp synthetic pairs, ...) and says on
+which network grid they lie (``dataset.grid``) and how inputs are put on it
+(``dataset.preprocessor``): both are saved in every checkpoint, so that prediction puts new
+images on the same grid.
 
 Reproducibility: the data order and the augmentation of step ``s`` are pure functions of
 ``(seed, s, rank)`` (a per-epoch permutation of the pairs, sharded across ranks like
@@ -12,11 +17,12 @@ with the same weights as one that never stopped.
 Outputs (rank 0 only) in the output folder::
 
     config.yaml         resolved configuration
-    log.csv             step, time, learning rate, loss terms, validation Dice
+    log.csv             step, time, learning rate, loss terms, validation measures
 
 ``config.init`` starts a fresh run from another run's or a shipped model's weights
 (fine-tuning); ``config.optimizer.schedule`` sets the learning rate of every step.
-    checkpoints/step_0000100.pt, last.pt, best.pt (highest validation Dice)
+    checkpoints/step_0000100.pt, last.pt, best.pt (best validation measure: highest
+                        Dice, or lowest transform error or loss; see RegistrationMethod.validate)
     tensorboard/        only if TensorBoard is installed
 """
 
@@ -47,8 +53,7 @@ from learnreg.data.datasets import (
     subject_pairs,
 )
 from learnreg.data.preprocess import NetworkGrid, Preprocessor
-from learnreg.eval.metrics import mean_dice
-from learnreg.spatial.sampling import warp
+from learnreg.methods.base import RegistrationMethod
 from learnreg.train.checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
 from learnreg.train.config import TrainConfig
 
@@ -78,19 +83,30 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def build_datasets(
-    config: TrainConfig, preload: bool = True
+    config: TrainConfig, method: RegistrationMethod | None = None, preload: bool = True
 ) -> tuple[PairDataset, PairDataset | None]:
-    """Training and validation :class:`PairDataset` of ``config.data`` on one network grid."""
+    """Training and validation datasets of ``config.data`` on one network grid.
+
+    Pairs of files (``data.images`` folders or ``data.train_csv``) become
+    :class:`PairDataset` s; ``data.synthetic`` builds known-warp pairs of real images
+    (:func:`learnreg.data.sources.synthetic_datasets`). A fixed-size network's
+    ``input_shape`` is the default ``data.shape``.
+    """
     data = config.data
+    shape = data.shape or (method.input_shape if method is not None else None)
     pre = Preprocessor(
         NetworkGrid(
-            tuple(data.shape) if data.shape else None,
+            tuple(shape) if shape else None,
             tuple(data.spacing) if data.spacing else None,
             data.orientation,
             data.levels,
         ),
         data.percentiles,
     )
+    if data.synthetic is not None:
+        from learnreg.data.sources import synthetic_datasets
+
+        return synthetic_datasets(data.synthetic, pre)
     if data.train_csv is not None:
         train_pairs = pairs_from_csv(data.train_csv)
         val_pairs = pairs_from_csv(data.val_csv) if data.val_csv else []
@@ -137,14 +153,27 @@ def _seed_all(seed: int) -> None:
 
 
 # ---------------------------------------------------------------------------- trainer
+_BEST = (("dice", True), ("error", False), ("loss", False))
+"""Validation keys that choose ``best.pt``, in order of preference, and whether higher is
+better."""
+
+
+def _best_key(measures: dict[str, float]) -> tuple[str, bool] | None:
+    for key, higher in _BEST:
+        if key in measures:
+            return key, higher
+    return None
+
+
 class Trainer:
-    """Trains ``method`` on ``train_data``; validates with mean Dice on ``val_data``.
+    """Trains ``method`` on ``train_data``; validates with the method's hook on ``val_data``.
 
     Args:
         config: the resolved configuration (saved with every checkpoint).
-        method: a ``RegistrationMethod`` (forward/loss/predict).
-        train_data: training pairs (items as :class:`PairDataset` yields them).
-        val_data: validation pairs with labels (optional).
+        method: a :class:`~learnreg.methods.base.RegistrationMethod`.
+        train_data: training pairs: a dataset of items for :func:`collate_pairs` with a
+            ``grid`` (the network grid) and a ``preprocessor`` (how inputs reach it).
+        val_data: validation pairs (optional), on the same grid.
         output: output folder (default ``config.output``).
         augmenter: default: from ``config.data.augment`` when any augmentation is enabled.
         callback: called as ``callback(trainer, step, losses)`` after every optimizer step
@@ -154,7 +183,7 @@ class Trainer:
     def __init__(
         self,
         config: TrainConfig,
-        method: torch.nn.Module,
+        method: RegistrationMethod,
         train_data: PairDataset,
         val_data: PairDataset | None = None,
         *,
@@ -176,17 +205,35 @@ class Trainer:
         self.device = resolve_device(config.device, self.local_rank)
         self.amp = bool(config.amp) and self.device.type == "cuda"
         self.step = 0
-        self.best_dice = -math.inf
+        self.best_key: str | None = None
+        self.best_value: float | None = None
         self.best_step = -1
         self.identity_dice: float | None = None
         self.elapsed = 0.0
         self._perms: dict[int, torch.Tensor] = {}
         self._own_group = False
+        self._check_grid()
 
     # ------------------------------------------------------------------ setup
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def _check_grid(self) -> None:
+        """The data's network grid must be one the method's network can take."""
+        grid = self.train_data.grid
+        need = self.method.input_shape
+        if need is not None and tuple(grid.shape) != tuple(need):
+            raise InputError(
+                f"{self.method_name} takes a {tuple(need)} network grid, the data is on "
+                f"{grid.shape}: set data.shape to {list(need)}"
+            )
+        k = self.method.size_multiple
+        if any(s % k for s in grid.shape):
+            raise InputError(
+                f"{self.method_name} needs grid sizes divisible by {k}; the data is on "
+                f"{grid.shape} (raise data.levels or set data.shape)"
+            )
 
     def _init_distributed(self) -> None:
         if self.world_size > 1 and not dist.is_initialized():
@@ -196,14 +243,33 @@ class Trainer:
             dist.init_process_group(backend)
             self._own_group = True
 
-    def _make_optimizer(self) -> torch.optim.Optimizer:
+    def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """One optimizer per parameter group of the method (``config.optimizer``, with the
+        per-group settings of ``config.optimizer.groups``)."""
         o = self.config.optimizer
-        params = [p for p in self.method.parameters() if p.requires_grad]
-        if o.name == "adam":
-            return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
-        if o.name == "adamw":
-            return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        groups = self.method.parameter_groups()
+        unknown = sorted(set(o.groups) - set(groups))
+        if unknown:
+            raise InputError(
+                f"config optimizer.groups: {self.method_name} has no parameter group "
+                f"{', '.join(unknown)}; its groups: {', '.join(groups)}"
+            )
+        out = {}
+        for name, params in groups.items():
+            opts = {"lr": o.lr, "weight_decay": o.weight_decay, **o.groups.get(name, {})}
+            params = list(params)
+            if o.name == "adam":
+                out[name] = torch.optim.Adam(params, **opts)
+            elif o.name == "adamw":
+                out[name] = torch.optim.AdamW(params, **opts)
+            else:
+                out[name] = torch.optim.SGD(params, momentum=o.momentum, **opts)
+        return out
+
+    def _lr(self, group: str, step: int) -> float:
+        o = self.config.optimizer
+        base = float(o.groups.get(group, {}).get("lr", o.lr))
+        return o.lr_at(step, self.config.steps) * base / o.lr
 
     # ------------------------------------------------------------------ data order
     def _indices(self, step: int) -> list[int]:
@@ -230,40 +296,59 @@ class Trainer:
                 (self.config.seed * 1_000_003 + step) * 1009 + self.rank
             )
             items = [self.augmenter(it, g) for it in items]
-        return collate_pairs(items).to(self.device)
+        return collate_pairs(items, self.train_data.grid).to(self.device)
 
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Mean Dice of warped moving labels over the validation pairs (all ranks)."""
+        """The method's validation measures (:meth:`RegistrationMethod.validate`), averaged
+        over the validation pairs (all ranks), prefixed ``val_``; ``identity_dice`` too when
+        the measure is a Dice."""
         if self.val_data is None:
             return {}
-        if not self.val_data.has_labels:
-            raise InputError("validation pairs need label maps for Dice")
-        total = torch.zeros(3, dtype=torch.float64)  # dice sum, identity sum, count
+        sums: dict[str, float] = {}
+        count = 0
         for i in range(self.rank, len(self.val_data), self.world_size):
-            batch = collate_pairs([self.val_data[i]]).to(self.device)
+            batch = collate_pairs([self.val_data[i]], self.val_data.grid).to(self.device)
             with torch.autocast(self.device.type, enabled=self.amp):
-                out = self.method.predict(batch.fixed, batch.moving)
-            disp = out.displacement.float()
-            warped = warp(batch.moving_labels, disp, mode="label")
-            total[0] += mean_dice(batch.fixed_labels[0, 0], warped[0, 0])
-            if self.identity_dice is None:
-                total[1] += mean_dice(batch.fixed_labels[0, 0], batch.moving_labels[0, 0])
-            total[2] += 1
+                out = self.method.predict(batch.fixed, batch.moving, batch.grid)
+            for k, v in self.method.validate(batch, out).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            count += 1
+        keys = sorted(sums)
+        total = torch.tensor([sums[k] for k in keys] + [count], dtype=torch.float64)
         if self.world_size > 1:
             t = total.to(self.device) if self.device.type == "cuda" else total
             dist.all_reduce(t)
             total = t.cpu()
-        count = max(float(total[2]), 1.0)
-        if self.identity_dice is None:
-            self.identity_dice = float(total[1]) / count
-        return {"val_dice": float(total[0]) / count, "identity_dice": self.identity_dice}
+        n = max(float(total[-1]), 1.0)
+        means = {k: float(v) / n for k, v in zip(keys, total[:-1].tolist(), strict=True)}
+        if "identity_dice" in means:
+            if self.identity_dice is None:
+                self.identity_dice = means["identity_dice"]
+            means["identity_dice"] = self.identity_dice
+        return {f"val_{k}" if k != "identity_dice" else k: v for k, v in means.items()}
+
+    def _improved(self, val: dict[str, float]) -> bool:
+        """Record ``val`` as the best so far when it beats the best (by :data:`_BEST`)."""
+        chosen = _best_key({k.removeprefix("val_"): v for k, v in val.items()})
+        if chosen is None:
+            return False
+        key, higher = chosen
+        value = val[f"val_{key}"]
+        if not math.isfinite(value):
+            return False
+        best = self.best_value if self.best_key == key else None
+        if best is None or (value > best if higher else value < best):
+            self.best_key, self.best_value, self.best_step = key, value, self.step
+            return True
+        return False
 
     # ------------------------------------------------------------------ checkpoints
     def _extra(self) -> dict:
         return {
-            "best_dice": None if self.best_dice == -math.inf else float(self.best_dice),
+            "best_key": self.best_key,
+            "best_value": self.best_value,
             "best_step": int(self.best_step),
             "identity_dice": self.identity_dice,
             "elapsed": float(self.elapsed),
@@ -272,46 +357,57 @@ class Trainer:
             "preprocess": self.train_data.preprocessor.to_dict(),
         }
 
-    def _save(self, path: Path, optimizer, scaler) -> None:
+    def _save(self, path: Path, optimizers, scaler) -> None:
         save_checkpoint(
             path,
             model=self.method,
             method=self.method_name,
             step=self.step,
             config=self.config.to_dict(),
-            optimizer=optimizer,
+            optimizer={name: o.state_dict() for name, o in optimizers.items()},
             scaler=scaler,
             extra=self._extra(),
         )
 
-    def _restore(self, optimizer, scaler) -> bool:
+    def _restore(self, optimizers, scaler) -> bool:
         path = self.output / "checkpoints" / "last.pt"
         if not path.is_file():
             return False
         state = load_checkpoint(path, expected_method=self.method_name)
         self.method.load_state_dict(state["model"])
-        if state.get("optimizer") is not None:
-            optimizer.load_state_dict(state["optimizer"])
+        saved = state.get("optimizer")
+        if saved is not None:
+            if set(saved) != set(optimizers):
+                raise InputError(
+                    f"{path}: optimizer groups {sorted(saved)} differ from the method's "
+                    f"{sorted(optimizers)}"
+                )
+            for name, opt in optimizers.items():
+                opt.load_state_dict(saved[name])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         restore_rng_state(state["rng"])
         extra = state.get("extra") or {}
         self.step = int(state["step"])
-        self.best_dice = -math.inf if extra.get("best_dice") is None else extra["best_dice"]
+        self.best_key, self.best_value = extra.get("best_key"), extra.get("best_value")
         self.best_step = int(extra.get("best_step", -1))
         self.identity_dice = extra.get("identity_dice")
         self.elapsed = float(extra.get("elapsed", 0.0))
         return True
 
     def _load_initial_weights(self, source: str) -> None:
-        """Start from the weights of ``source``: a checkpoint or model folder of the same
-        method and architecture, or a shipped model's name (fine-tuning)."""
-        from learnreg.zoo.models import resolve_model
-
-        _, path = resolve_model(source)
+        """Start from the weights of the checkpoint or model file ``source`` of the same
+        method and architecture (fine-tuning), as the method's ``initial_state`` completes
+        them (staged training). Shipped model names are resolved to their file by the caller
+        (``learnreg train``)."""
+        path = Path(source)
+        if path.is_dir() and (path / "model.pt").is_file():
+            path = path / "model.pt"
+        if not path.is_file():
+            raise InputError(f"init {source}: no such checkpoint or model file")
         state = load_checkpoint(path, expected_method=self.method_name)
         mine = self.method.state_dict()
-        theirs = state["model"]
+        theirs = self.method.initial_state(state["model"])
         wrong = sorted(
             k for k in set(mine) | set(theirs) if k not in mine or k not in theirs
         ) or sorted(k for k in mine if tuple(mine[k].shape) != tuple(theirs[k].shape))
@@ -346,12 +442,18 @@ class Trainer:
             w.writerows(rows)
 
     def _log(self, row: dict) -> None:
+        """Append ``row`` to log.csv; a column seen for the first time (validation measures
+        appear at the first validation) rewrites the file with the wider header."""
         if not self.is_main:
             return
         if self._log_fields is None:
-            keys = [k for k in row if k not in ("step", "time", "lr", "val_dice", "identity_dice")]
-            self._log_fields = ["step", "time", "lr", *keys, "val_dice", "identity_dice"]
+            self._log_fields = list(row)
             self._write_rows(self._log_fields, [row], "w")
+        elif set(row) - set(self._log_fields):
+            with open(self._log_path, newline="") as fh:
+                rows = list(csv.DictReader(fh))
+            self._log_fields += [k for k in row if k not in self._log_fields]
+            self._write_rows(self._log_fields, [*rows, row], "w")
         else:
             self._write_rows(self._log_fields, [row], "a")
         if self._tb is not None:
@@ -384,12 +486,47 @@ class Trainer:
                 dist.destroy_process_group()
                 self._own_group = False
 
+    def _wrap(self, single_group: bool) -> torch.nn.Module:
+        """The module the forward pass runs through: DDP for one optimizer group; with
+        several, gradients are averaged across ranks by :meth:`_all_reduce_grads`."""
+        if self.world_size > 1 and single_group:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            return DistributedDataParallel(self.method, device_ids=ids)
+        return self.method
+
+    def _all_reduce_grads(self) -> None:
+        for p in self.method.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= self.world_size
+
+    def _backward(self, losses: dict, optimizers: dict, scaler) -> None:
+        """Gradients of each group's total into that group's parameters only."""
+        names = list(optimizers)
+        totals = {n: losses["total" if i == 0 else f"total_{n}"] for i, n in enumerate(names)}
+        for name, total in totals.items():
+            if not torch.isfinite(total):
+                raise FloatingPointError(f"loss {name} is {float(total)} at step {self.step + 1}")
+        for opt in optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        if len(names) == 1:
+            scaler.scale(totals[names[0]]).backward()
+            return
+        groups = self.method.parameter_groups()
+        for i, name in enumerate(names):
+            params = [p for p in groups[name] if p.requires_grad]
+            scaler.scale(totals[name]).backward(inputs=params, retain_graph=i < len(names) - 1)
+        if self.world_size > 1:
+            self._all_reduce_grads()
+
     def _fit(self, resume: bool, end: int) -> dict:
         cfg = self.config
         self.method.to(self.device)
-        optimizer = self._make_optimizer()
+        optimizers = self._make_optimizers()
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
-        resumed = resume and self._restore(optimizer, scaler)
+        resumed = resume and self._restore(optimizers, scaler)
         if not resumed:
             _seed_all(cfg.seed)
             if cfg.init:
@@ -402,12 +539,7 @@ class Trainer:
             os.replace(tmp, self.output / "config.yaml")
             self._open_log(resumed)
         self._tb = self._open_tensorboard()
-        model: torch.nn.Module = self.method
-        if self.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            model = DistributedDataParallel(self.method, device_ids=ids)
+        model = self._wrap(len(optimizers) == 1)
         sums: dict[str, float] = {}
         nsum = 0
         last_val: dict[str, float] = {}
@@ -421,21 +553,20 @@ class Trainer:
                 self.method.train()
                 batch = self._batch(self.step)
                 with torch.autocast(self.device.type, enabled=self.amp):
-                    output = model(batch.fixed, batch.moving)
+                    output = model(batch.fixed, batch.moving, batch.grid)
                     losses = self.method.loss(batch, output)
-                total = losses["total"]
-                if not torch.isfinite(total):
-                    raise FloatingPointError(f"loss is {float(total)} at step {self.step + 1}")
-                optimizer.zero_grad(set_to_none=True)
-                for group in optimizer.param_groups:
-                    group["lr"] = cfg.optimizer.lr_at(self.step, cfg.steps)
-                scaler.scale(total).backward()
+                for name, opt in optimizers.items():
+                    for group in opt.param_groups:
+                        group["lr"] = self._lr(name, self.step)
+                self._backward(losses, optimizers, scaler)
                 if cfg.optimizer.grad_clip:
-                    scaler.unscale_(optimizer)
+                    for opt in optimizers.values():
+                        scaler.unscale_(opt)
                     torch.nn.utils.clip_grad_norm_(
                         self.method.parameters(), cfg.optimizer.grad_clip
                     )
-                scaler.step(optimizer)
+                for opt in optimizers.values():
+                    scaler.step(opt)
                 scaler.update()
                 self.step += 1
                 for k, v in losses.items():
@@ -449,27 +580,24 @@ class Trainer:
                 self.elapsed = time.perf_counter() - t0
                 if val or self.step % cfg.log_every == 0 or self.step == end:
                     row = {"step": self.step, "time": round(self.elapsed, 3)}
-                    row["lr"] = optimizer.param_groups[0]["lr"]
+                    row["lr"] = next(iter(optimizers.values())).param_groups[0]["lr"]
                     row.update({k: v / max(nsum, 1) for k, v in sums.items()})
                     row.update(val)
                     self._log(row)
                     sums, nsum = {}, 0
                 if progress:
-                    desc = f"loss {float(total.detach()):.4f}"
-                    if last_val:
-                        desc += f"  val Dice {last_val['val_dice']:.3f}"
-                    progress.update(task, completed=self.step, description=desc)
+                    progress.update(
+                        task, completed=self.step, description=self._describe(losses, last_val)
+                    )
+                improved = bool(val) and self._improved(val)
                 if self.is_main:
                     ckpt = self.output / "checkpoints"
-                    if val and val["val_dice"] > self.best_dice:
-                        self.best_dice, self.best_step = val["val_dice"], self.step
-                        self._save(ckpt / "best.pt", optimizer, scaler)
+                    if improved:
+                        self._save(ckpt / "best.pt", optimizers, scaler)
                     if self.step % cfg.checkpoint_every == 0:
-                        self._save(ckpt / f"step_{self.step:07d}.pt", optimizer, scaler)
+                        self._save(ckpt / f"step_{self.step:07d}.pt", optimizers, scaler)
                     if self.step % cfg.checkpoint_every == 0 or self.step == end:
-                        self._save(ckpt / "last.pt", optimizer, scaler)
-                elif val and val["val_dice"] > self.best_dice:
-                    self.best_dice, self.best_step = val["val_dice"], self.step
+                        self._save(ckpt / "last.pt", optimizers, scaler)
         finally:
             if progress:
                 progress.stop()
@@ -477,12 +605,21 @@ class Trainer:
                 self._tb.close()
         return {
             "step": self.step,
-            "val_dice": last_val.get("val_dice"),
+            "validation": last_val,
             "identity_dice": self.identity_dice,
-            "best_dice": None if self.best_dice == -math.inf else self.best_dice,
+            "best_key": self.best_key,
+            "best_value": self.best_value,
             "best_step": self.best_step,
             "output": str(self.output),
         }
+
+    @staticmethod
+    def _describe(losses: dict, val: dict[str, float]) -> str:
+        desc = f"loss {float(losses['total'].detach()):.4f}"
+        chosen = _best_key({k.removeprefix("val_"): v for k, v in val.items()})
+        if chosen is not None:
+            desc += f"  val {chosen[0]} {val['val_' + chosen[0]]:.3f}"
+        return desc
 
     def _progress(self):
         if not (self.is_main and self.config.progress):

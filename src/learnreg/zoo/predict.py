@@ -1,16 +1,21 @@
 """Registration by a trained network, in physical space, with optional refinement.
 
+Any learned method, whatever transform it predicts:
+
 1. **pre-alignment**: the classical preset the model was trained after (``affine`` for the
-   shipped brain model) registers the pair;
-2. **prediction**: both images are put on the model's network grid (the training spacing
-   over the fixed image's field of view), the moving one through the affine, and the network
-   predicts the deformable part there;
-3. **refinement** (``refine=N``): N iterations of the classical deformable stage on the
-   pair at the model's resolution, starting from the network's field (a smooth residual
-   velocity is added to the predicted one, so the result stays diffeomorphic);
-4. the fields are resampled onto the fixed image's grid, giving a
-   :class:`~learnreg.spatial.RegistrationResult` ``x ↦ A(x + u(x))`` that warps, inverts and
-   saves itself like a classical one.
+   shipped brain model), if any, registers the pair;
+2. **prediction**: both images are put on the model's network grid by its recorded
+   preprocessing (the training spacing, or the fixed-size network's shape, over the fixed
+   image's field of view; the moving image through the pre-alignment), and the network
+   predicts a world-space transform there (:class:`~learnreg.methods.base.MethodOutput`);
+3. **refinement** (``refine=N``): N iterations of classical optimization starting from the
+   prediction — of the deformable stage (a smooth residual velocity added to a predicted
+   velocity, so the result stays diffeomorphic; a residual displacement otherwise) or, for a
+   purely linear prediction, of the affine stage;
+4. the transform becomes a :class:`~learnreg.spatial.RegistrationResult` ``x ↦ A(x + u(x))``
+   on the fixed image's grid — a learned linear transform as the affine ``A`` (an ITK
+   ``.mat``), anything else as a displacement and its inverse — that warps, inverts and saves
+   itself like a classical one.
 """
 
 from __future__ import annotations
@@ -19,28 +24,40 @@ import time
 
 import torch
 
+from learnreg.core.grid import Grid
 from learnreg.core.image import Image
 from learnreg.optimize.classical import Progress, check_pair, register
-from learnreg.optimize.config import ClassicalConfig, DeformableStage
+from learnreg.optimize.config import ClassicalConfig, DeformableStage, LinearStage
 from learnreg.spatial.affine import AffineTransform
+from learnreg.spatial.base import SpatialTransform
 from learnreg.spatial.displacement import DisplacementField
-from learnreg.spatial.result import RegistrationResult
+from learnreg.spatial.linear import compose_affine
+from learnreg.spatial.result import RegistrationResult, split_linear
+from learnreg.spatial.svf import StationaryVelocityField
 from learnreg.zoo.models import PretrainedModel
 
 __all__ = ["predict", "refinement_config"]
 
 
+def _shrink(model: PretrainedModel, fixed: Image, grid: Grid) -> float:
+    """Image shrink factor of the model's resolution relative to the fixed image's."""
+    return max(1.0, min(grid.spacing) / min(fixed.grid.spacing))
+
+
 def refinement_config(
-    model: PretrainedModel, fixed: Image, iterations: int, velocity: bool
+    model: PretrainedModel, fixed: Image, grid: Grid, iterations: int, kind: str
 ) -> ClassicalConfig:
-    """The classical stage that refines a prediction: LNCC at the model's resolution, the
-    residual velocity (or displacement) on a grid twice coarser, ``iterations`` steps."""
-    spacing = min(model.preprocessor.network.spacing or model.reference.spacing)
-    shrink = max(1.0, float(spacing) / min(fixed.grid.spacing))
+    """The classical stage that refines a prediction on the network grid ``grid``: ``kind``
+    ``"svf"`` or ``"displacement"`` — LNCC at the model's resolution, the residual on a grid
+    twice coarser — or ``"affine"`` — NCC at the model's resolution; ``iterations`` steps."""
+    shrink = _shrink(model, fixed, grid)
+    if kind == "affine":
+        stage = LinearStage("affine", shrink=(shrink,), iterations=(int(iterations),))
+        return ClassicalConfig(linear=[stage], deformable=None).validate()
     return ClassicalConfig(
         linear=[],
         deformable=DeformableStage(
-            model="svf" if velocity else "displacement",
+            model=kind,
             shrink=(shrink,),
             velocity_shrink=(2.0 * shrink,),
             iterations=(int(iterations),),
@@ -49,23 +66,54 @@ def refinement_config(
     ).validate()
 
 
+def _refine(
+    fixed: Image,
+    moving: Image,
+    model: PretrainedModel,
+    grid: Grid,
+    transform: SpatialTransform,
+    prealign: AffineTransform,
+    iterations: int,
+    progress: Progress | None,
+) -> tuple[RegistrationResult, dict]:
+    head, linear = split_linear(transform)
+    start = compose_affine(prealign, linear)
+    if head is None:
+        cfg = refinement_config(model, fixed, grid, iterations, "affine")
+        return register(fixed, moving, cfg, initial=start, progress=progress), cfg.to_dict()
+    if isinstance(head, StationaryVelocityField):
+        kind, field = "svf", DisplacementField(head.grid, head.velocity[:1])
+    elif isinstance(head, DisplacementField):
+        kind, field = "displacement", head
+    else:
+        with torch.no_grad():
+            kind, field = "displacement", DisplacementField(grid, head.voxel_displacement(grid))
+    cfg = refinement_config(model, fixed, grid, iterations, kind)
+    result = register(fixed, moving, cfg, initial=start, progress=progress, initial_field=field)
+    return result, cfg.to_dict()
+
+
 def predict(
     fixed: Image,
     moving: Image,
     model: PretrainedModel,
     refine: int = 0,
     progress: Progress | None = None,
+    initial: AffineTransform | None = None,
 ) -> RegistrationResult:
-    """Register ``moving`` to ``fixed`` with ``model`` (+ ``refine`` optimization steps)."""
+    """Register ``moving`` to ``fixed`` with ``model`` (+ ``refine`` optimization steps).
+
+    ``initial`` (world, fixed→moving) starts the model's pre-alignment, or replaces it when
+    the model has none."""
     if refine < 0:
         raise ValueError(f"refine must be >= 0, got {refine}")
     check_pair(fixed, moving)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     if model.prealign is not None:
-        affine = register(fixed, moving, model.prealign, progress=progress).linear()
+        affine = register(fixed, moving, model.prealign, initial, progress=progress).linear()
     else:
-        affine = AffineTransform.identity(fixed.ndim)
+        affine = initial if initial is not None else AffineTransform.identity(fixed.ndim)
     timings["prealign"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -73,36 +121,29 @@ def predict(
     pre = model.preprocessor
     f = pre.image(fixed, grid).batch()
     m = pre.image(moving, grid, affine).batch()
-    out = model.method.predict(f, m)
-    if out.velocity is not None:
-        coarse = grid.resized(out.velocity.shape[2:])
-        initial = DisplacementField(coarse, out.velocity)
-    else:
-        initial = DisplacementField(grid, out.displacement)
+    out = model.method.predict(f, m, grid)
     timings["network"] = time.perf_counter() - t1
 
     info = {
         "method": "model",
         "model": model.name,
         "network": model.method.name,
+        "transform": type(out.transform).__name__,
         "prealign": model.prealign,
         "network_grid": grid.to_dict(),
         "refine": int(refine),
     }
     t2 = time.perf_counter()
     if refine:
-        cfg = refinement_config(model, fixed, refine, out.velocity is not None)
-        refined = register(
-            fixed, moving, cfg, initial=affine, progress=progress, initial_field=initial
+        result, info["refinement"] = _refine(
+            fixed, moving, model, grid, out.transform, affine, refine, progress
         )
-        fwd, inv = refined.deformable, refined.inverse_deformable
-        info["refinement"] = cfg.to_dict()
+        result.info = info
     else:
-        with torch.no_grad():
-            fwd = DisplacementField(grid, out.displacement).resampled(fixed.grid)
-            backward = model.method.inverse_displacement(out)
-            inv = DisplacementField(grid, backward).resampled(fixed.grid)
-    timings["refine"] = time.perf_counter() - t2
+        result = RegistrationResult.from_transform(
+            out.transform, fixed.grid, moving.grid, then=affine, info=info
+        )
+    timings["refine" if refine else "resample"] = time.perf_counter() - t2
     info["timings"] = timings
     info["seconds"] = time.perf_counter() - t0
-    return RegistrationResult(fixed.grid, moving.grid, affine, fwd, inv, info)
+    return result
