@@ -4,9 +4,11 @@ vs the classical affine registration and the identity, on LPBA40.
 Protocol (../shared/data/lpba40, all volumes on one 4 mm network grid, 40×48×40, derived
 from S01 by :class:`learnreg.data.preprocess.Preprocessor`):
 
-* training on S11–S34 (CPU, Adam, ``--batch`` pairs per step, up to ``--rigid-steps`` /
-  ``--dlir-steps`` steps or ``--rigid-minutes`` / ``--dlir-minutes``; steps and wall time
-  reported):
+* training on S11–S34 with the project's trainer (:mod:`learnreg.train`; the pairs come from
+  the ``perturb`` training source, :func:`learnreg.data.perturb.perturbed_datasets`; CPU,
+  Adam, ``--batch`` pairs per step, up to ``--rigid-steps`` / ``--dlir-steps`` steps or
+  ``--rigid-minutes`` / ``--dlir-minutes``, checked every ``--chunk`` steps; steps and wall
+  time reported; the trainer's logs and checkpoints go beside the JSON result):
   - ``rigid-regression`` (Sloan et al. 2018): supervised, each step's pairs are a training
     subject and a copy moved by a random rigid transform (``--rotation`` degrees per axis,
     ``--translation`` mm per axis), target its parameters, inputs also swapped;
@@ -25,17 +27,22 @@ from S01 by :class:`learnreg.data.preprocess.Preprocessor`):
   ``register(fixed, moving, "affine")`` on the same 4 mm images and, with
   ``--full-res-classical``, on the 1 mm images (Dice set only).
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/affine_networks.py [--rigid-steps 1500] ...
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/affine_networks.py --rigid-minutes 12 \
+        --dlir-minutes 12 --threads 1
 
-Writes benchmarks/results/affine_networks.json and prints a Markdown table.
+Writes benchmarks/results/affine_networks.json (``--output``) and prints a Markdown table.
+A smoke run: ``--rigid-steps 3 --dlir-steps 3 --train S11 S12 --test S35 --pairs 1 --output
+/tmp/affine_networks.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -45,15 +52,18 @@ import torch
 from learnreg.core.files import atomic_write
 from learnreg.core.grid import Grid
 from learnreg.core.image import Image
-from learnreg.data.datasets import collate_pairs
 from learnreg.data.perturb import PerturbedPairs, RandomPerturbation, params_to_matrix
 from learnreg.data.preprocess import NetworkGrid, Preprocessor
 from learnreg.io.images import read_image, read_labels
-from learnreg.methods.dlir import DLIR
-from learnreg.methods.rigid_regression import RigidRegression, rigid_errors
+from learnreg.methods.base import RegistrationMethod
+from learnreg.methods.registry import create_method
+from learnreg.methods.rigid_regression import rigid_errors
 from learnreg.optimize.classical import register
 from learnreg.spatial.affine import AffineTransform
+from learnreg.spatial.frame import index_matrix_to_world, world_matrix_to_index
 from learnreg.spatial.sampling import resample
+from learnreg.train.config import TrainConfig
+from learnreg.train.trainer import Trainer, build_datasets
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("LEARNREG_DATA", ROOT.parent / "shared" / "data")) / "lpba40"
@@ -68,14 +78,8 @@ def load_subjects(names: list[str], pre: Preprocessor, grid: Grid) -> dict[str, 
 
 
 def world_matrix(index_matrix: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """Index-space matrices ``(N, D+1, D+1)`` of ``grid`` as world (mm) matrices."""
-    g = torch.as_tensor(grid.affine, dtype=torch.float64)
-    return g @ index_matrix.double() @ torch.linalg.inv(g)
-
-
-def index_matrix(world: torch.Tensor, grid: Grid) -> torch.Tensor:
-    g = torch.as_tensor(grid.affine, dtype=torch.float64)
-    return torch.linalg.inv(g) @ world.double() @ g
+    """Index-space matrices ``(N, D+1, D+1)`` of ``grid`` as world (mm) matrices, float64."""
+    return index_matrix_to_world(index_matrix.double(), grid)
 
 
 def warp_labels_nearest(
@@ -116,27 +120,72 @@ def point_error(pred: torch.Tensor, true: torch.Tensor, mask: torch.Tensor, spac
 
 
 # ---------------------------------------------------------------------------- training
-def train(method, make_batch, steps: int, minutes: float, lr: float, name: str) -> dict:
-    """Adam (constant ``lr``) for ``steps`` steps or ``minutes`` of wall time, whichever ends
-    first; returns the steps done, the seconds and a loss history."""
-    opt = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=lr)
-    method.train()
+def train_config(
+    method: str,
+    method_config: dict,
+    synthetic: dict,
+    spacing: float,
+    steps: int,
+    lr: float,
+    batch: int,
+    seed: int,
+    output: Path,
+    init: str | None = None,
+) -> TrainConfig:
+    """The ``learnreg train`` configuration of one training run on ``perturb`` pairs."""
+    return TrainConfig.from_dict(
+        {
+            "method": method,
+            "method_config": method_config,
+            "data": {
+                "synthetic": {"kind": "perturb", "length": steps * batch, **synthetic},
+                "spacing": [spacing] * 3,
+                "levels": 0,
+            },
+            "optimizer": {"name": "adam", "lr": lr},
+            "steps": steps,
+            "batch_size": batch,
+            "checkpoint_every": steps,
+            "log_every": 50,
+            "seed": seed,
+            "output": str(output),
+            "init": init,
+            "device": "cpu",
+            "progress": False,
+        }
+    )
+
+
+def fit(
+    config: TrainConfig,
+    datasets: tuple | None = None,
+    minutes: float = float("inf"),
+    chunk: int = 50,
+) -> tuple[RegistrationMethod, dict, tuple]:
+    """Train ``config`` with :class:`~learnreg.train.Trainer` (a fresh output folder) for its
+    steps or until ``minutes`` of wall time have passed (checked every ``chunk`` steps: each
+    chunk resumes from the previous one's checkpoint, optimizer state included). Returns the
+    method, a summary (steps, seconds, loss history of the trainer's log) and the datasets
+    (reusable by a next stage of the same data)."""
+    out = Path(config.output)
+    if (out / "checkpoints").is_dir():  # our own earlier run: never resume from it
+        shutil.rmtree(out / "checkpoints")
+    torch.manual_seed(config.seed)
+    method = create_method(config.method, **config.method_config)
+    if datasets is None:
+        datasets = build_datasets(config, method)
+    trainer = Trainer(config, method, *datasets)
     t0 = time.perf_counter()
-    history = []
-    step = 0
-    while step < steps and time.perf_counter() - t0 < 60 * minutes:
-        batch = make_batch(step)
-        terms = method.loss(batch, method(batch.fixed, batch.moving))
-        opt.zero_grad(set_to_none=True)
-        terms["total"].backward()
-        opt.step()
-        if step % 50 == 0:
-            row = {k: round(float(v.detach()), 4) for k, v in terms.items()}
-            history.append({"step": step, **row})
-            log.info("%s step %d %s (%.0f s)", name, step, row, time.perf_counter() - t0)
-        step += 1
+    while trainer.step < config.steps and time.perf_counter() - t0 < 60 * minutes:
+        trainer.fit(resume=True, until=min(config.steps, trainer.step + chunk))
+        log.info("%s step %d (%.0f s)", config.method, trainer.step, time.perf_counter() - t0)
+    with open(out / "log.csv", newline="") as fh:
+        history = [
+            {k: round(float(v), 4) for k, v in row.items() if v != ""} for row in csv.DictReader(fh)
+        ]
     method.eval()
-    return {"steps": step, "seconds": time.perf_counter() - t0, "history": history}
+    summary = {"steps": trainer.step, "seconds": time.perf_counter() - t0, "history": history}
+    return method, summary, datasets
 
 
 # ---------------------------------------------------------------------------- predictions
@@ -156,22 +205,28 @@ class Predictor:
         return m, time.perf_counter() - t0
 
 
-def predictors(rigid: RigidRegression, dlir: DLIR, grid: Grid) -> list[Predictor]:
+def predictors(rigid: RegistrationMethod, dlir: RegistrationMethod, grid: Grid) -> list[Predictor]:
+    """The methods compared, each as an index-space matrix of ``grid``: the networks' world
+    transforms (:class:`AffineTransform` s) and the classical affine's, mapped back."""
+
     def identity(f, m):
         return torch.eye(4, dtype=torch.float64)[None], torch.zeros(1, 6)
 
+    def index(transform: AffineTransform) -> torch.Tensor:
+        return world_matrix_to_index(transform.homogeneous().detach().double(), grid)
+
     @torch.no_grad()
     def rigid_fn(f, m):
-        out = rigid.predict(f[None], m[None])
-        return out.extras["matrix"].double(), out.extras["params"]
+        out = rigid.predict(f[None], m[None], grid)
+        return index(out.transform), out.extras["params"]
 
     @torch.no_grad()
     def dlir_fn(f, m):
-        return dlir.predict(f[None], m[None]).extras["affine"].double(), None
+        return index(dlir.predict(f[None], m[None], grid).transform), None
 
     def classical(f, m):
         res = register(Image(f, grid, "fixed"), Image(m, grid, "moving"), "affine")
-        return index_matrix(res.linear().homogeneous().detach(), grid), None
+        return index(res.linear()), None
 
     return [
         Predictor("identity", identity),
@@ -302,8 +357,10 @@ def main() -> None:
     p.add_argument("--shear", type=float, default=0.05)
     p.add_argument("--pairs", type=int, default=2, help="perturbations per test subject")
     p.add_argument("--full-res-classical", action="store_true")
+    p.add_argument("--chunk", type=int, default=50, help="steps between time-budget checks")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", type=Path, default=OUT / "affine_networks.json")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(a.threads)
@@ -312,33 +369,52 @@ def main() -> None:
     pre = Preprocessor(NetworkGrid(spacing=(a.spacing,) * 3))
     grid = pre.grid_for(read_image(DATA / "images/S01.nii.gz"))
     t0 = time.perf_counter()
-    images = load_subjects(["S01", *a.train, *a.test], pre, grid)
+    images = load_subjects(["S01", *a.test], pre, grid)
     log.info("loaded %d volumes on %s in %.0f s", len(images), grid.shape, time.perf_counter() - t0)
     tvox = a.translation / a.spacing
     rigid_pert = RandomPerturbation("rigid", a.rotation, tvox, self_pairs=True)
     affine_pert = RandomPerturbation("affine", a.rotation, tvox, a.scale, a.shear)
-
-    rigid_data = PerturbedPairs(
-        [{"fixed": None, "moving": images[n]} for n in a.train], rigid_pert, a.seed, 10**9
+    runs_dir = a.output.with_suffix("")
+    subjects = {"images": str(DATA / "images"), "train": list(a.train)}
+    rigid_cfg = train_config(
+        "rigid-regression",
+        {
+            "ndim": 3,
+            "shape": list(grid.shape),
+            "rotation_scale": a.rotation,
+            "translation_scale": tvox,
+        },
+        {**subjects, "transform": "rigid", "rotation": a.rotation, "translation": tvox},
+        a.spacing,
+        a.rigid_steps,
+        a.lr,
+        a.batch,
+        a.seed,
+        runs_dir / "rigid-regression",
     )
-    dlir_data = PerturbedPairs(
-        [{"fixed": images["S01"], "moving": images[n]} for n in a.train],
-        affine_pert,
-        a.seed + 1,
-        10**9,
+    dlir_cfg = train_config(
+        "dlir",
+        {"ndim": 3, "bspline_spacings": []},
+        {
+            **subjects,
+            "atlas": "S01",
+            "transform": "affine",
+            "rotation": a.rotation,
+            "translation": tvox,
+            "scale": a.scale,
+            "shear": a.shear,
+            "seed": a.seed + 1,
+        },
+        a.spacing,
+        a.dlir_steps,
+        a.lr,
+        a.batch,
+        a.seed,
+        runs_dir / "dlir-affine",
     )
-
-    def batches(ds):
-        return lambda s: collate_pairs([ds[s * a.batch + i] for i in range(a.batch)])
-
-    rigid = RigidRegression(3, grid.shape, rotation_scale=a.rotation, translation_scale=tvox)
-    dlir = DLIR(3, bspline_spacings=())
-    runs = {
-        "rigid-regression": train(
-            rigid, batches(rigid_data), a.rigid_steps, a.rigid_minutes, a.lr, "rigid"
-        ),
-        "dlir affine": train(dlir, batches(dlir_data), a.dlir_steps, a.dlir_minutes, a.lr, "dlir"),
-    }
+    rigid, rigid_run, _ = fit(rigid_cfg, minutes=a.rigid_minutes, chunk=a.chunk)
+    dlir, dlir_run, _ = fit(dlir_cfg, minutes=a.dlir_minutes, chunk=a.chunk)
+    runs = {"rigid-regression": rigid_run, "dlir affine": dlir_run}
     preds = predictors(rigid, dlir, grid)
     sets = parameter_sets(images, a.test, a.pairs, rigid_pert, affine_pert, 1000 + a.seed)
     params = evaluate_parameters(preds, sets, grid)
@@ -349,7 +425,7 @@ def main() -> None:
         preds, images, a.test, a.pairs, affine_pert, 2000 + a.seed, grid, a.full_res_classical
     )
     result = {
-        "config": vars(a),
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
         "grid": grid.to_dict(),
         "training": runs,
         "parameter_error": params,
@@ -357,8 +433,8 @@ def main() -> None:
         "dice": dice,
         "torch_threads": torch.get_num_threads(),
     }
-    OUT.mkdir(parents=True, exist_ok=True)
-    with atomic_write(OUT / "affine_networks.json") as tmp:
+    a.output.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(a.output) as tmp:
         tmp.write_text(json.dumps(result, indent=2))
 
     print(f"\nLPBA40, fixed S01, test {a.test[0]}–{a.test[-1]}, {a.spacing:g} mm grid {grid.shape}")

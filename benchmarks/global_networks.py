@@ -16,14 +16,21 @@ Held-out transform error after a realistic CPU training run of each method:
 
 Training images and held-out images never overlap: photographs and brain slices by the splits
 of :mod:`learnreg.data.synthetic` (held-out: camera, coffee, coins, motorcycle, r85slice),
-LPBA40 subjects S11–S34 for training and S35–S40 held out. Every method trains ``--steps``
-Adam steps (learning rate ``--lr``, but 3e-4 for IC-STN, whose recurrent composition does not
-leave the identity at 1e-3 in CPU-length runs; divided by 10 for the last quarter), batch ``--batch``
-(``--batch3d`` in 3D), on freshly drawn random pairs (one new pair per item), seed 0.
+LPBA40 subjects S11–S34 for training and S35–S40 held out. Every method trains through
+``learnreg.train`` (the ``warp`` source of :mod:`learnreg.data.random_warps`, ``build_datasets``
+and the ``Trainer``: exactly what ``learnreg train`` runs) for ``--steps`` Adam steps
+(learning rate ``--lr``, but 3e-4 for IC-STN, whose recurrent composition does not leave the
+identity at 1e-3 in CPU-length runs; divided by 10 for the last quarter: the run stops at
+three quarters and resumes with the lower rate), batch ``--batch`` (``--batch3d`` in 3D), on
+freshly drawn random pairs (one new pair per item), seed 0. The held-out pairs are the
+source's validation set (seed 12345), scored once at the end of training. Images are min-max
+scaled (``data.percentiles: null``, as the pairs of the README's table); the LPBA40 volumes are
+put on their 4 mm RAS grid by the recorded preprocessing (blur and world-space resampling).
 
-    OMP_NUM_THREADS=2 python benchmarks/global_networks.py [--steps 600] [--threads 2]
+    OMP_NUM_THREADS=1 python benchmarks/global_networks.py --steps 2000 --steps3d 1500 --threads 1
 
-Writes benchmarks/results/global_networks.json and prints a Markdown table.
+Writes benchmarks/results/global_networks.json (and the training runs under
+benchmarks/results/runs/global_networks/) and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -43,21 +51,16 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from learnreg.core.files import atomic_write  # noqa: E402
 from learnreg.data.datasets import collate_pairs  # noqa: E402
-from learnreg.data.random_warps import (  # noqa: E402
-    LPBA_HELDOUT,
-    LPBA_TRAIN,
-    RandomWarpPairs,
-    lpba_volumes,
-)
-from learnreg.data.synthetic import brain_slice_images, photo_images  # noqa: E402
 from learnreg.methods.registry import create_method  # noqa: E402
 from learnreg.methods.tps_regression import control_point_error  # noqa: E402
+from learnreg.train.config import TrainConfig  # noqa: E402
+from learnreg.train.trainer import Trainer, build_datasets  # noqa: E402
 
-SIZE_2D = (144, 192)
-CROP = (64, 64)
+SIZE_2D = [144, 192]
 AFFINE = {"rotation": 15.0, "translation": 6.0, "scale": 0.15, "shear": 0.1, "margin": 16}
 TPS_2D = {"grid_size": 3, "magnitude": 6.0, "margin": 16}
 TPS_3D = {"grid_size": 6, "magnitude": 3.0, "fixed_border": True}
+HELDOUT_SEED = 12345
 
 # name → (method, config, data kind, dimension)
 METHODS = {
@@ -70,34 +73,59 @@ METHODS = {
 LEARNING_RATES = {"icstn (affine, K=4)": 3e-4}
 
 
-def images_2d(split: str) -> dict[str, torch.Tensor]:
-    return {**photo_images(split, SIZE_2D), **brain_slice_images(split, SIZE_2D)}
-
-
-def pairs(kind: str, ndim: int, split: str, length: int, seed: int, cache: dict) -> RandomWarpPairs:
-    key = (ndim, split)
-    if key not in cache:
-        if ndim == 2:
-            cache[key] = images_2d(split)
-        else:
-            cache[key] = lpba_volumes(LPBA_TRAIN if split == "train" else LPBA_HELDOUT, 4)
+def source(kind: str, ndim: int, length: int, val_length: int, seed: int = 0) -> dict:
+    """The ``data.synthetic`` options of the pairs (training set of ``length``, held-out set
+    of ``val_length`` pairs of the held-out images)."""
+    common = {"kind": "warp", "transform": kind, "length": length, "seed": seed}
+    common.update(val_length=val_length, val_seed=HELDOUT_SEED)
     if ndim == 2:
         opts = AFFINE if kind == "affine" else TPS_2D
-        return RandomWarpPairs(cache[key], kind, CROP, length, seed=seed, **opts)
-    return RandomWarpPairs(cache[key], kind, None, length, seed=seed, **TPS_3D)
+        return {**common, "images": "both", "image_size": SIZE_2D, **opts}
+    return {**common, "images": "lpba40", **TPS_3D}
 
 
-def errors(method, batch) -> dict[str, float]:
-    """Held-out errors of ``method`` and of the identity on ``batch`` (evaluated in chunks)."""
+def train_config(name: str, method_config: dict, synthetic: dict, **kw) -> TrainConfig:
+    """A ``learnreg train`` configuration of the benchmark's runs."""
+    return TrainConfig.from_dict(
+        {
+            "method": name,
+            "method_config": method_config,
+            "data": {"synthetic": synthetic, "percentiles": None, "levels": 0},
+            "device": "cpu",
+            "progress": False,
+            **kw,
+        }
+    )
+
+
+def fit(config: TrainConfig, method, train_set, val_set=None, decay_at: float = 0.75) -> float:
+    """Train with ``learnreg.train``'s Trainer: ``config.optimizer.lr`` for the first
+    ``decay_at`` of the steps, then a tenth of it (the run stops there and resumes with the
+    lower rate: optimizer state, data order and RNG continue exactly). Returns wall seconds."""
+    t0 = time.perf_counter()
+    switch = int(decay_at * config.steps)
+    Trainer(config, method, train_set, val_set).fit(until=switch)
+    if switch < config.steps:
+        low = TrainConfig.from_dict(config.to_dict())
+        low.optimizer.lr = config.optimizer.lr / 10
+        low.optimizer.groups = {
+            g: {**o, "lr": o["lr"] / 10} if "lr" in o else o
+            for g, o in config.optimizer.groups.items()
+        }
+        Trainer(low, method, train_set, val_set).fit(resume=True)
+    return time.perf_counter() - t0
+
+
+def errors(method, dataset) -> dict[str, float]:
+    """Held-out errors of ``method`` and of the identity on ``dataset`` (in chunks)."""
     out: dict[str, list] = {"pred": [], "identity": [], "dense": [], "dense_identity": []}
-    for i in range(0, batch.fixed.shape[0], 16):
-        sub = type(batch)(
-            batch.fixed[i : i + 16], batch.moving[i : i + 16], target=batch.target[i : i + 16]
-        )
-        pred = method.predict(sub.fixed, sub.moving)
+    n = len(dataset)
+    for i in range(0, n, 16):
+        sub = collate_pairs([dataset[k] for k in range(i, min(i + 16, n))], dataset.grid)
+        pred = method.predict(sub.fixed, sub.moving, sub.grid)
+        out["pred"].append(method.transform_error(sub, pred))
+        t = sub.target
         if method.name == "tps-regression":
-            t = sub.target
-            out["pred"].append(control_point_error(pred.extras["control"], t))
             out["identity"].append(control_point_error(torch.zeros_like(t), t))
             true = method.tps.dense(t)
             brain = (sub.moving > 0.05) | (sub.fixed > 0.05)
@@ -105,55 +133,37 @@ def errors(method, batch) -> dict[str, float]:
                 e = u.norm(dim=1, keepdim=True)
                 out[k].append((e * brain).flatten(1).sum(1) / brain.flatten(1).sum(1))
         else:
-            m = method.model
-            a = m.map_points(pred.extras["params"])
-            b = m.map_points(sub.target)
-            z = m.map_points(torch.zeros_like(sub.target))
-            out["pred"].append((a - b).norm(dim=-1).mean(-1))
-            out["identity"].append((z - b).norm(dim=-1).mean(-1))
-    res = {k: float(torch.cat(v).mean()) for k, v in out.items() if v}
-    return res
+            out["identity"].append(method.model.grid_errors(torch.zeros_like(t), t))
+    return {k: float(torch.cat(v).mean()) for k, v in out.items() if v}
 
 
-def train(method, data, steps: int, batch: int, lr: float, log_every: int = 50) -> float:
-    """Adam, lr/10 for the last quarter; returns the wall time in seconds."""
-    torch.manual_seed(0)
-    opt = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr)
-    t0 = time.perf_counter()
-    method.train()
-    for s in range(steps):
-        if s == (3 * steps) // 4:
-            for g in opt.param_groups:
-                g["lr"] = lr / 10
-        b = collate_pairs([data[s * batch + i] for i in range(batch)])
-        losses = method.loss(b, method(b.fixed, b.moving))
-        opt.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        opt.step()
-        if log_every and (s + 1) % log_every == 0:
-            err = {k: round(float(v), 4) for k, v in losses.items() if "error" in k}
-            print(f"  step {s + 1}/{steps} {time.perf_counter() - t0:.0f}s {err}", flush=True)
-    return time.perf_counter() - t0
-
-
-def run_one(label: str, args, cache: dict, heldout_cache: dict, **overrides) -> dict:
+def run_one(label: str, args, **overrides) -> dict:
     name, cfg, kind, ndim = METHODS[label]
     cfg = {**cfg, **overrides}
     steps = args.steps if ndim == 2 else args.steps3d
     batch = args.batch if ndim == 2 else args.batch3d
     n_test = args.pairs if ndim == 2 else args.pairs3d
-    data = pairs(kind, ndim, "train", 10**7, 0, cache)
-    key = (kind, ndim)
-    if key not in heldout_cache:
-        test = pairs(kind, ndim, "heldout", n_test, 12345, cache)
-        heldout_cache[key] = collate_pairs([test[i] for i in range(n_test)])
-    hb = heldout_cache[key]
+    lr = LEARNING_RATES.get(label, args.lr)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-")
+    config = train_config(
+        name,
+        cfg,
+        source(kind, ndim, steps * batch, n_test),
+        optimizer={"lr": lr},
+        steps=steps,
+        batch_size=batch,
+        val_every=10 * steps,  # the held-out pairs are scored here, once
+        checkpoint_every=steps,
+        log_every=50,
+        seed=0,
+        output=str(Path(args.runs) / slug),
+    )
     torch.manual_seed(0)
     method = create_method(name, **cfg)
+    train_set, heldout = build_datasets(config, method)
     print(f"{label}: {sum(p.numel() for p in method.parameters())} parameters", flush=True)
-    lr = LEARNING_RATES.get(label, args.lr)
-    wall = train(method, data, steps, batch, lr)
-    err = errors(method, hb)
+    wall = fit(config, method, train_set)
+    err = errors(method, heldout)
     row = {
         "method": label,
         "name": name,
@@ -188,6 +198,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--output", default=str(OUT / "global_networks.json"))
+    p.add_argument("--runs", default=str(OUT / "runs" / "global_networks"), help="train outputs")
     p.add_argument(
         "--merge",
         action="store_true",
@@ -222,11 +233,9 @@ def _write(args, rows: list[dict]) -> list[dict]:
 def main(argv=None) -> None:
     args = parse(argv)
     torch.set_num_threads(args.threads)
-    cache: dict = {}
-    heldout: dict = {}
     rows: list[dict] = []
     for label in args.methods:
-        rows.append(run_one(label, args, cache, heldout))
+        rows.append(run_one(label, args))
         _write(args, rows)
     rows = _write(args, rows)
     print("\n| method | steps × batch | train time | held-out error | identity | ratio |")

@@ -15,21 +15,25 @@ for ORB + RANSAC on MS-COCO (256-pixel test patches, ρ = 64). Here, with DeTone
   downsampled (their homography is mapped back exactly), as DeTone ran their networks on
   downsampled test patches. Errors are in pixels of the 128-pixel patch;
 - also reported: the held-out brain slice (``r85slice``), ``--brain-pairs`` pairs;
-- each network trains ``--steps`` Adam steps (batch ``--batch``, learning rate ``--lr``
-  divided by 10 for the last quarter; DeTone: SGD, 90 000 steps of 64); dropout is off
-  (DeTone: 0.5) since every pair is new and the runs are short. The hierarchy
-  (Nowruzi et al.) trains its two modules one after the other, as the paper does: module 1
-  for ``--steps`` steps, then module 2 (module 1 frozen) for ``--steps // 2``;
+- each network trains through ``learnreg.train`` (the ``homography`` source of
+  :mod:`learnreg.data.synthetic`, ``build_datasets`` and the ``Trainer``, as ``learnreg train``
+  runs them) for ``--steps`` Adam steps (batch ``--batch``, learning rate ``--lr`` divided by
+  10 for the last quarter; DeTone: SGD, 90 000 steps of 64); dropout is off (DeTone: 0.5)
+  since the runs are short. The hierarchy (Nowruzi et al.) trains its two modules one after
+  the other, as the paper does, by configuration: module 1 (``trainable_levels: [0]``) for
+  ``--steps`` steps, then module 2 (``trainable_levels: [1]``, ``init:`` stage 1's checkpoint,
+  module 1 frozen) for ``--steps // 2``;
 - ORB + RANSAC: ``cv2.ORB_create`` (OpenCV defaults: 500 features, 31-pixel patches and
   borders) and a second, pre-chosen configuration for small images (15-pixel patches and
   borders), brute-force Hamming matching with cross-check, ``cv2.findHomography`` with
   RANSAC (3 px). When it fails (fewer than 4 matches or no homography) the identity's error
   counts, and the failure rate is reported.
 
-    nice -n 10 python benchmarks/homography.py [--steps 500] [--batch 32] [--pairs 1000]
+    nice -n 10 python benchmarks/homography.py --steps 4000 --pool 32000 --threads 1
 
 Needs scikit-image and opencv-python-headless (benchmark-only). Writes
-benchmarks/results/homography.json and prints a Markdown table.
+benchmarks/results/homography.json (training runs under benchmarks/results/runs/homography/)
+and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -49,34 +53,33 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from global_networks import fit, train_config  # noqa: E402
 
 from learnreg.core.files import atomic_write  # noqa: E402
 from learnreg.data.datasets import collate_pairs  # noqa: E402
-from learnreg.data.synthetic import (  # noqa: E402
-    HomographyPairs,
-    brain_slice_images,
-    patch_corners,
-    photo_images,
-)
+from learnreg.data.synthetic import HomographyPairs, brain_slice_images, photo_images  # noqa: E402
 from learnreg.methods.homography import (  # noqa: E402
     HierarchicalHomographyNet,
-    HomographyNet,
-    UnsupervisedHomographyNet,
     corner_error,
+    patch_corners,
 )
+from learnreg.methods.registry import create_method  # noqa: E402
 from learnreg.spatial.homography import Homography  # noqa: E402
+from learnreg.train.trainer import build_datasets  # noqa: E402
 
 PATCH, RHO, DOWN = 128, 32.0, 4
 NET = {
     "patch_size": PATCH // DOWN,
-    "features": (16, 16, 16, 16, 32, 32, 32, 32),
-    "hidden": (128,),
+    "features": [16, 16, 16, 16, 32, 32, 32, 32],
+    "hidden": [128],
     "dropout": 0.0,
 }
 METHODS = {
-    "homography-net": (HomographyNet, {}),
-    "homography-unsupervised": (UnsupervisedHomographyNet, {}),
-    "homography-hierarchical": (HierarchicalHomographyNet, {"levels": 2}),
+    "homography-net": {},
+    "homography-unsupervised": {},
+    "homography-hierarchical": {"levels": 2},
 }
 
 
@@ -85,11 +88,22 @@ def log(msg: str) -> None:
 
 
 # ---------------------------------------------------------------------------- data
-def pair_sets(args) -> dict:
-    train_images = {**photo_images("train"), **brain_slice_images("train")}
-    pool = HomographyPairs(
-        train_images, length=args.pool, patch_size=PATCH, rho=RHO, downsample=DOWN, seed=0
-    )
+def pool_source(args) -> dict:
+    """``data.synthetic`` of the training pool: ``--pool`` distinct pairs of the training photos
+    and brain slices (cycled when steps × batch exceed it), no validation set."""
+    return {
+        "kind": "homography",
+        "images": "both",
+        "patch_size": PATCH,
+        "rho": RHO,
+        "downsample": DOWN,
+        "length": args.pool,
+        "seed": 0,
+        "val_images": False,
+    }
+
+
+def test_sets(args) -> dict:
     tests = {}
     for name, images, n in (
         ("photos", photo_images("heldout"), args.pairs),
@@ -107,55 +121,33 @@ def pair_sets(args) -> dict:
             "low": collate_pairs([low[i] for i in range(n)]),
             "names": [it["names"][0] for it in items_full],
         }
-    return {"pool": pool, "tests": tests, "train_images": sorted(train_images)}
-
-
-class Pool:
-    """Training pairs generated on first use and kept (cycled when steps × batch > pool)."""
-
-    def __init__(self, dataset: HomographyPairs) -> None:
-        self.dataset, self.cache = dataset, {}
-
-    def batch(self, step: int, size: int):
-        n = len(self.dataset)
-        ids = [(step * size + i) % n for i in range(size)]
-        items = []
-        for i in ids:
-            if i not in self.cache:
-                self.cache[i] = self.dataset[i]
-            items.append(self.cache[i])
-        return collate_pairs(items)
+    return tests
 
 
 # ---------------------------------------------------------------------------- training
-def train(method, pool: Pool, steps: int, args, label: str, step0: int = 0) -> dict:
-    params = [p for p in method.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, args.lr)
-    decay = int(0.75 * steps)
-    t0, c0 = time.perf_counter(), time.process_time()
-    running: dict[str, float] = {}
-    for s in range(steps):
-        if s == decay:
-            for g in opt.param_groups:
-                g["lr"] = args.lr / 10
-        b = pool.batch(step0 + s, args.batch)
-        method.train()
-        losses = method.loss(b, method(b.fixed, b.moving))
-        opt.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        opt.step()
-        for k, v in losses.items():
-            running[k] = running.get(k, 0.0) + float(v.detach())
-        if (s + 1) % args.log_every == 0 or s + 1 == steps:
-            n = (s % args.log_every) + 1
-            terms = ", ".join(f"{k} {v / n:.3f}" for k, v in running.items())
-            log(f"  {label} step {s + 1}/{steps} ({time.perf_counter() - t0:.0f} s): {terms}")
-            running = {}
-    return {
-        "steps": steps,
-        "wall_s": round(time.perf_counter() - t0, 1),
-        "cpu_s": round(time.process_time() - c0, 1),
-    }
+def train_stage(name: str, method_config: dict, steps: int, args, label: str, init=None):
+    """One ``learnreg train`` run of ``steps``; returns the trained method and timings."""
+    config = train_config(
+        name,
+        {**NET, **method_config},
+        pool_source(args),
+        optimizer={"lr": args.lr},
+        steps=steps,
+        batch_size=args.batch,
+        checkpoint_every=steps,
+        log_every=args.log_every,
+        seed=args.seed,
+        init=None if init is None else str(init),
+        output=str(Path(args.runs) / label),
+    )
+    torch.manual_seed(args.seed)
+    method = create_method(name, **config.method_config)
+    train_set, _ = build_datasets(config, method)
+    c0 = time.process_time()
+    wall = fit(config, method, train_set)
+    info = {"steps": steps, "wall_s": round(wall, 1), "cpu_s": round(time.process_time() - c0, 1)}
+    log(f"  {label}: {steps} steps in {wall:.0f} s")
+    return method, info, Path(config.output) / "checkpoints" / "last.pt"
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -250,15 +242,16 @@ def main() -> None:
     ap.add_argument("--log-every", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--output", type=Path, default=OUT / "homography.json")
+    ap.add_argument("--runs", type=Path, default=OUT / "runs" / "homography")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
 
     log("generating pairs …")
-    data = pair_sets(args)
-    pool = Pool(data["pool"])
+    tests = test_sets(args)
+    train_images = sorted({**photo_images("train"), **brain_slice_images("train")})
     results: dict = {"identity": {}, "orb_default": {}, "orb_small": {}}
-    for name, test in data["tests"].items():
+    for name, test in tests.items():
         zero = torch.zeros_like(test["full"].target, dtype=torch.float64)
         results["identity"][name] = summarize(
             corner_error(zero, test["full"].target.double()).numpy()
@@ -273,26 +266,30 @@ def main() -> None:
 
     training: dict = {}
     for name in args.methods:
-        torch.manual_seed(args.seed)
-        cls, extra = METHODS[name]
-        method = cls(**NET, **extra)
-        log(f"training {name} ({sum(p.numel() for p in method.parameters())} parameters)")
-        if name == "homography-hierarchical":
-            method.set_trainable_levels([0])
-            first = train(method, pool, args.steps, args, f"{name}[module 1]")
-            method.set_trainable_levels([1])
-            second = train(method, pool, args.steps // 2, args, f"{name}[module 2]", args.steps)
+        extra = METHODS[name]
+        log(f"training {name}")
+        if name == "homography-hierarchical":  # Nowruzi's schedule, one module after the other
+            _, first, ckpt = train_stage(
+                name, {**extra, "trainable_levels": [0]}, args.steps, args, f"{name}-module1"
+            )
+            method, second, _ = train_stage(
+                name,
+                {**extra, "trainable_levels": [1]},
+                args.steps // 2,
+                args,
+                f"{name}-module2",
+                init=ckpt,
+            )
             info = {
                 "steps": [first["steps"], second["steps"]],
                 "wall_s": round(first["wall_s"] + second["wall_s"], 1),
                 "cpu_s": round(first["cpu_s"] + second["cpu_s"], 1),
             }
-            method.set_trainable_levels(range(method.levels))
         else:
-            info = train(method, pool, args.steps, args, name)
+            method, info, _ = train_stage(name, extra, args.steps, args, name)
         training[name] = info
         results[name] = {}
-        for tname, test in data["tests"].items():
+        for tname, test in tests.items():
             stats, ms = evaluate_network(method, test)
             results[name][tname] = {**stats, "ms_per_pair": round(ms, 2)}
             if name == "homography-hierarchical":  # module 1 alone, for reference
@@ -312,13 +309,18 @@ def main() -> None:
             "patch_px": PATCH,
             "rho_px": RHO,
             "network_input_px": PATCH // DOWN,
-            "train_images": data["train_images"],
-            "heldout_photos": sorted(set(data["tests"]["photos"]["names"])),
-            "pairs": {k: int(v["full"].fixed.shape[0]) for k, v in data["tests"].items()},
+            "train_images": train_images,
+            "heldout_photos": sorted(set(tests["photos"]["names"])),
+            "pairs": {k: int(v["full"].fixed.shape[0]) for k, v in tests.items()},
             "training_pool": args.pool,
             "errors_in": "pixels of the 128-pixel patch (mean corner error)",
         },
-        "config": {**vars(args), "output": str(args.output), "network": NET},
+        "config": {
+            **vars(args),
+            "output": str(args.output),
+            "runs": str(args.runs),
+            "network": NET,
+        },
         "training": training,
         "results": results,
         "total_wall_s": round(total, 1),
@@ -334,20 +336,20 @@ def main() -> None:
     with atomic_write(args.output) as tmp:
         tmp.write_text(json.dumps(report, indent=2))
 
-    tests = list(data["tests"])
-    head = "| method | " + " | ".join(f"{t} mean (median) px" for t in tests)
+    names = list(tests)
+    head = "| method | " + " | ".join(f"{t} mean (median) px" for t in names)
     print(head + " | ORB failures | steps | train wall / CPU s |")
-    print("|---" * (len(tests) + 4) + "|")
+    print("|---" * (len(names) + 4) + "|")
     rows = [
         ("identity (no motion)", "identity"),
         ("ORB + RANSAC (OpenCV defaults)", "orb_default"),
         ("ORB + RANSAC (15-px patches)", "orb_small"),
     ] + [(m, m) for m in args.methods]
     for label, key in rows:
-        cells = [f"{results[key][t]['mean']:.2f} ({results[key][t]['median']:.2f})" for t in tests]
+        cells = [f"{results[key][t]['mean']:.2f} ({results[key][t]['median']:.2f})" for t in names]
         fail = (
-            " / ".join(f"{100 * results[key][t]['failure_rate']:.1f}%" for t in tests)
-            if "failure_rate" in results[key][tests[0]]
+            " / ".join(f"{100 * results[key][t]['failure_rate']:.1f}%" for t in names)
+            if "failure_rate" in results[key][names[0]]
             else ""
         )
         tr = training.get(key)

@@ -45,9 +45,9 @@ def worker_learnreg(subject: str) -> dict:
     import ants
     import torch
 
-    from learnreg.eval.metrics import jacobian_stats
     from learnreg.io.images import read_image, read_labels
     from learnreg.io.result import save_result
+    from learnreg.metrics import jacobian_stats
     from learnreg.optimize.classical import register
 
     fixed = read_image(DATA / "images/S01.nii.gz")

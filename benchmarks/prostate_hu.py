@@ -3,19 +3,21 @@
 Trains ``hu-global-local`` on the 25 training pairs with the project's
 :class:`~learnreg.train.Trainer` (labels only in the loss; label-reg's random affine
 augmentation of each image), in two stages: the global (affine) network alone, then the
-composite (affine then dense) model, its global network initialized from stage one and
-trained end to end. Every image is resampled in physical space onto one network grid (the
-TRUS field of view at ``--spacing`` mm).
+composite (affine then dense) model, its global network initialized from stage one (the
+config's ``init:``, stage one's checkpoint) and trained end to end. Every image is resampled
+in physical space onto one network grid (the TRUS field of view at ``--spacing`` mm).
 
-Evaluation on the two test pairs, on the native TRUS grid in world millimetres: the predicted
-network-grid displacement becomes a world transform (:func:`~learnreg.data.preprocess.
-to_physical`) that pulls the native MR masks onto the TRUS grid; gland Dice (channel 0,
+Evaluation on the two test pairs, on the native TRUS grid in world millimetres: the
+predicted world transform (the method's output on the network grid: an affine, or the dense
+field then the affine) pulls the native MR masks onto the TRUS grid; gland Dice (channel 0,
 masks thresholded at 0.5) and the TRE of the landmark-region centroids (channels 1–2):
 ``|φ(c_TRUS) − c_MR|`` with ``φ`` the fixed→moving transform. Rows: identity (world
 coordinates as stored), global (affine) only, global + local.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/prostate_hu.py \
-        --global-steps 300 --composite-steps 600 --threads 2
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/prostate_hu.py --threads 1
+
+(defaults: ``--global-steps 300 --composite-steps 600``; a smoke run: ``--global-steps 3
+--composite-steps 3 --output /tmp/prostate_hu.json``).
 
 Prints a table and writes ``benchmarks/results/prostate_hu.json`` (and the Trainer's logs and
 checkpoints under ``benchmarks/results/prostate_hu/``).
@@ -34,10 +36,9 @@ from pathlib import Path
 import torch
 
 from learnreg.core.files import atomic_write
-from learnreg.data.preprocess import to_physical
 from learnreg.data.prostate import MaskAugmenter, ProstatePairs, mask_centroids, warp_masks
-from learnreg.eval.metrics import dice_per_label, tre
 from learnreg.methods.registry import create_method
+from learnreg.metrics import dice_per_label, tre
 from learnreg.train.config import OptimizerConfig, TrainConfig
 from learnreg.train.trainer import Trainer
 
@@ -56,8 +57,7 @@ def evaluate(method: torch.nn.Module | None, data: ProstatePairs) -> list[dict]:
         if method is None:
             field = None
         else:
-            out = method.predict(item["fixed"][None], item["moving"][None])
-            field = to_physical(out.displacement, data.grid)
+            field = method.predict(item["fixed"][None], item["moving"][None], data.grid).transform
         seconds = time.perf_counter() - t0
         fixed_m, moving_m = o["fixed_labels"], o["moving_labels"]
         warped = warp_masks(moving_m, o["fixed"].grid, field)
@@ -90,21 +90,21 @@ def train(
     batch: int,
     data: ProstatePairs,
     output: Path,
-    init: torch.nn.Module | None = None,
+    init: Path | None = None,
     max_seconds: float | None = None,
     chunk: int = 50,
 ) -> tuple[torch.nn.Module, int, float]:
-    """Train one stage with the project's Trainer (a fresh ``output`` folder); returns the
-    method, the steps done and the wall time. With ``max_seconds``, training runs in chunks of ``chunk`` steps (each
-    resuming from the previous chunk's checkpoint, optimizer state included) and stops after
-    the first chunk that ends past the time budget."""
+    """Train one stage with the project's Trainer (a fresh ``output`` folder), from the
+    checkpoint ``init`` if given (the composite's global network takes a global run's
+    weights); returns the method, the steps done and the wall time. With ``max_seconds``,
+    training runs in chunks of ``chunk`` steps (each resuming from the previous chunk's
+    checkpoint, optimizer state included) and stops after the first chunk that ends past the
+    time budget."""
     if (output / "checkpoints").is_dir():  # our own earlier run: never resume from it
         shutil.rmtree(output / "checkpoints")
     torch.manual_seed(0)
     cfg = {**method_config, "stage": stage}
     method = create_method("hu-global-local", **cfg)
-    if init is not None and init.global_net is not None and method.global_net is not None:
-        method.global_net.load_state_dict(init.global_net.state_dict())
     config = TrainConfig(
         method="hu-global-local",
         method_config=cfg,
@@ -114,6 +114,7 @@ def train(
         checkpoint_every=steps,
         log_every=max(1, steps // 20),
         output=str(output),
+        init=None if init is None else str(init),
         device="cpu",
         progress=False,
     )
@@ -186,7 +187,7 @@ def main() -> None:
         args.batch,
         train_set,
         run_dir / "composite",
-        init=global_m,
+        init=run_dir / "global" / "checkpoints" / "last.pt",
         max_seconds=budget,
     )
     results["global + local"] = {

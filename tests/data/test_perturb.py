@@ -1,5 +1,6 @@
 """Random rigid/affine perturbations: parameters, matrices, and moved images checked against
-scipy (``Rotation``, ``ndimage.affine_transform``) on real LPBA40 volumes and ants2d slices."""
+scipy (``Rotation``, ``ndimage.affine_transform``) on real LPBA40 volumes and ants2d slices;
+the ``perturb`` training source on real ants2d slices."""
 
 from __future__ import annotations
 
@@ -10,19 +11,22 @@ import torch.nn.functional as F
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
+from learnreg.core.errors import InputError
+from learnreg.core.grid import Grid
 from learnreg.data.perturb import (
     PerturbedPairs,
     RandomPerturbation,
     apply_matrix_to_image,
-    grid_center,
-    matrix_displacement,
     num_params,
     params_to_matrix,
     random_affine_params,
     random_rigid_params,
 )
-from learnreg.eval.metrics import mean_dice
+from learnreg.data.preprocess import NetworkGrid, Preprocessor
+from learnreg.data.sources import source_kinds, synthetic_datasets
 from learnreg.io.images import read_image, read_labels
+from learnreg.metrics import mean_dice
+from learnreg.spatial.affine import AffineTransform
 from learnreg.spatial.sampling import warp
 
 
@@ -101,20 +105,20 @@ def test_params_to_matrix_matches_scipy_reference(kind, shape):
         np.testing.assert_allclose(
             m[i].numpy(), _reference_matrix(p[i].numpy(), kind, shape), atol=1e-10
         )
-    np.testing.assert_allclose(grid_center(shape).numpy(), (np.asarray(shape) - 1) / 2)
 
 
 @pytest.mark.parametrize("shape", [(7, 9), (5, 6, 4)])
-def test_matrix_displacement_matches_pointwise_reference(shape):
+def test_index_matrix_displacement_matches_pointwise_reference(shape):
+    """On the unit grid (world = index) an index-space matrix's displacement is M x − x."""
     d = len(shape)
     p = random_affine_params(2, d, 20.0, 3.0, 0.1, 0.1, torch.Generator().manual_seed(2))
     m = params_to_matrix(p.double(), "affine", shape)
-    u = matrix_displacement(m, shape)
+    u = AffineTransform(m).voxel_displacement(Grid(shape)).double()
     assert u.shape == (2, d, *shape)
     for idx in [(0,) * d, tuple(s - 1 for s in shape), tuple(s // 2 for s in shape)]:
         x = np.append(np.asarray(idx, dtype=float), 1.0)
         want = (m[1].numpy() @ x)[:d] - x[:d]
-        np.testing.assert_allclose(u[1][(slice(None), *idx)].numpy(), want, atol=1e-10)
+        np.testing.assert_allclose(u[1][(slice(None), *idx)].numpy(), want, atol=1e-5)
 
 
 def test_perturbed_volume_matches_scipy_and_labels_follow(volume):
@@ -145,7 +149,8 @@ def test_perturbed_volume_matches_scipy_and_labels_follow(volume):
     assert torch.equal(item["fixed"], image) and item["target"].shape == (12,)
     # undo: warp the perturbed image by T (fixed → moving)
     back = warp(
-        item["moving"][None], matrix_displacement(torch.as_tensor(t)[None].float(), image.shape[1:])
+        item["moving"][None],
+        AffineTransform(torch.as_tensor(t)[None].float()).voxel_displacement(Grid(image.shape[1:])),
     )
     inside = back[0] > 0.05
     err = (back[0] - image)[inside].abs().mean()
@@ -194,7 +199,44 @@ def test_bad_input_raises_clear_errors(volume):
         RandomPerturbation("rigid").apply({"fixed": image, "moving": image}, torch.zeros(3))
     with pytest.raises(ValueError, match="lacks 'fixed'"):
         RandomPerturbation("rigid")({"moving": image})
-    with pytest.raises(ValueError, match="matrices for a 3D grid"):
-        matrix_displacement(torch.eye(3)[None], (4, 4, 4))
+    with pytest.raises(ValueError, match=r"matrices for a 3D image must be \(N, 4, 4\)"):
+        apply_matrix_to_image(image[None], torch.eye(3)[None])
     with pytest.raises(ValueError, match="empty"):
         PerturbedPairs([], RandomPerturbation())
+
+
+# ---------------------------------------------------------------------------- training source
+def test_perturb_source_builds_supervised_pairs_on_a_world_grid(data_root):
+    """``data.synthetic: {kind: perturb}``: self-pairs of real slices on the network grid of
+    the preprocessor, each moving image the fixed one moved by its known target; fixed
+    validation draws; unknown keys and kinds raise InputError."""
+    assert "perturb" in source_kinds()
+    pre = Preprocessor(NetworkGrid(shape=(32, 32), spacing=(8.0, 8.0)))
+    names = ["r16slice", "r27slice", "r30slice"]
+    opts = {"kind": "perturb", "images": str(data_root / "ants2d"), "train": names}
+    train, val = synthetic_datasets(
+        {**opts, "val": ["r85slice"], "rotation": 12, "translation": 2, "length": 50}, pre
+    )
+    assert len(train) == 50 and len(val) == 2 and train.preprocessor is pre
+    ref = read_image(data_root / "ants2d" / "r16slice.jpg")
+    assert train.grid.allclose(pre.grid_for(ref)) and val.grid is train.grid
+    item = train[7]
+    assert item["target"].shape == (3,) and item["fixed"].shape == (1, 32, 32)
+    assert item["target"][0].abs() <= np.radians(12) and item["target"][1:].abs().max() <= 2
+    # moving = fixed ∘ T⁻¹ (the item's own fixed image: a self-pair)
+    t = params_to_matrix(item["target"][None].double(), "rigid", (32, 32))
+    again, _ = apply_matrix_to_image(item["fixed"][None], torch.linalg.inv(t))
+    torch.testing.assert_close(again[0], item["moving"])
+    assert torch.equal(train[7]["target"], item["target"])  # reproducible
+    assert not torch.equal(val[0]["target"], val[1]["target"])
+    # atlas-to-subject: the atlas is fixed, only the added part is the target
+    atlas_train, none = synthetic_datasets(
+        {**opts, "atlas": "r64slice", "transform": "affine", "length": 4}, pre
+    )
+    assert none is None and atlas_train[0]["target"].shape == (6,)
+    atlas = pre.image(read_image(data_root / "ants2d" / "r64slice.jpg"), atlas_train.grid)
+    torch.testing.assert_close(atlas_train[1]["fixed"], atlas.data)
+    with pytest.raises(InputError, match="unknown config key data.synthetic.rotate.*valid keys"):
+        synthetic_datasets({**opts, "rotate": 3}, pre)
+    with pytest.raises(InputError, match="transform must be one of"):
+        synthetic_datasets({**opts, "transform": "similarity"}, pre)

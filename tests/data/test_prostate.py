@@ -69,6 +69,12 @@ def test_items_on_network_grid(pairs: ProstatePairs) -> None:
     assert vol[0] > 0 and vol[1:].abs().sum() == 0
     with pytest.raises(IndexError):
         pairs[2]
+    # a new fixed image gets a network grid of the same shape and spacing (fixed-size
+    # networks), centred on its own field of view
+    other = pairs.originals(1)["fixed"]
+    new = pairs.preprocessor.grid_for(other)
+    assert new.shape == g.shape and new.spacing == g.spacing
+    assert np.allclose(new.center, other.grid.center, atol=1e-6)
 
 
 def test_resampling_keeps_physical_position_and_volume(pairs: ProstatePairs) -> None:

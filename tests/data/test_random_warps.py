@@ -6,15 +6,20 @@ import numpy as np
 import pytest
 import torch
 
+from learnreg.core.errors import InputError
+from learnreg.core.grid import Grid
+from learnreg.core.image import Image
 from learnreg.data.datasets import collate_pairs
+from learnreg.data.preprocess import NetworkGrid, Preprocessor
 from learnreg.data.random_warps import (
+    LPBA_HELDOUT,
     RandomWarpPairs,
     affine_points,
-    control_points,
     lpba_volumes,
     random_tps_displacements,
     tps_points,
 )
+from learnreg.data.sources import synthetic_datasets
 from learnreg.data.synthetic import brain_slice_images
 from learnreg.spatial.sampling import sample_index
 
@@ -34,23 +39,24 @@ def volumes() -> dict[str, torch.Tensor]:
 
 
 def test_control_points_span_the_grid() -> None:
-    cp = control_points((5, 9), 3)
+    """The one control lattice (``Grid.index_lattice``) the data and the methods share."""
+    cp = Grid((5, 9)).index_lattice(3)
     assert cp.shape == (9, 2)
     torch.testing.assert_close(cp[0], torch.tensor([0.0, 0.0]))
     torch.testing.assert_close(cp[1], torch.tensor([0.0, 4.0]))  # last axis fastest
     torch.testing.assert_close(cp[-1], torch.tensor([4.0, 8.0]))
-    assert control_points((20, 24, 20), (6, 6, 6)).shape == (216, 3)
+    assert Grid((20, 24, 20)).index_lattice((6, 6, 6)).shape == (216, 3)
     with pytest.raises(ValueError, match="grid_size"):
-        control_points((8, 8), 1)
+        tps_points(torch.zeros(1, 1, 2), (8, 8), 1, torch.zeros(1, 1, 2))
     with pytest.raises(ValueError, match="shape"):
-        control_points((8,), 3)
+        tps_points(torch.zeros(1, 3, 1), (8,), 3, torch.zeros(1, 1, 1))
 
 
 def test_tps_points_match_skimage_thin_plate_spline() -> None:
     g = torch.Generator().manual_seed(0)
     delta = random_tps_displacements(1, 9, 2, 3.0, g).double()
     assert delta.abs().max() <= 3.0 and delta.shape == (1, 9, 2)
-    cp = control_points((32, 40), 3, torch.float64)
+    cp = Grid((32, 40)).index_lattice(3, torch.float64)
     pts = torch.rand(1, 50, 2, generator=g, dtype=torch.float64) * torch.tensor([31.0, 39.0])
     ours = tps_points(delta, (32, 40), 3, pts)[0].numpy()
     if hasattr(ThinPlateSplineTransform, "from_estimate"):
@@ -112,6 +118,10 @@ def test_pairs_3d_tps_on_lpba_volumes(volumes) -> None:
     ds = RandomWarpPairs(volumes, "tps", None, 4, grid_size=4, magnitude=2.0, seed=1)
     item = ds[0]
     assert ds.shape == (20, 24, 20) and item["fixed"].shape == (1, 20, 24, 20)
+    # the volumes' physical 8 mm RAS grid is the network grid, recorded for prediction
+    assert isinstance(volumes["S11"], Image) and ds.grid.allclose(volumes["S11"].grid)
+    assert ds.grid.spacing == (8.0, 8.0, 8.0) and np.allclose(ds.grid.direction, np.eye(3))
+    assert ds.preprocessor.network.spacing == (8.0, 8.0, 8.0)
     assert item["target"].shape == (64, 3) and item["target"].abs().max() <= 2.0
     torch.testing.assert_close(item["origin"], torch.zeros(3))  # whole volume
     k, _, params = ds.draw(0)
@@ -146,3 +156,43 @@ def test_bad_arguments_raise(slices) -> None:
         tps_points(torch.zeros(1, 8, 2), (16, 16), 3, torch.zeros(1, 4, 2))
     with pytest.raises(IndexError):
         RandomWarpPairs(slices, "affine", (48, 48), 3).draw(3)
+
+
+def test_lpba_volumes_are_the_preprocessed_images(volumes, lpba) -> None:
+    """Each volume is what the recorded preprocessing makes of the 1 mm image at prediction
+    time (world-space resampling onto the RAS grid: LPBA40 is stored LAS)."""
+    from learnreg.io.images import read_image
+
+    image = read_image(lpba / "images" / "S12.nii.gz")
+    pre = Preprocessor(NetworkGrid((20, 24, 20)), percentiles=None)
+    grid = pre.grid_for(image)
+    assert grid.allclose(volumes["S12"].grid)
+    torch.testing.assert_close(volumes["S12"].data, pre.image(image, grid).data)
+    # RAS: index axis 0 runs towards +x (the stored array runs towards -x)
+    assert grid.affine[0, 0] > 0 and image.grid.affine[0, 0] < 0
+
+
+def test_warp_source_for_the_trainer(lpba) -> None:
+    """``data.synthetic: {kind: warp}``: 2D crops of photos on the crop grid, LPBA40 volumes
+    on their physical grid, held-out images for validation."""
+    pre = Preprocessor(NetworkGrid((32, 32), None, "RAS", 4), (1.0, 99.0))
+    train, val = synthetic_datasets(
+        {"kind": "warp", "transform": "tps", "length": 3, "val_length": 2, "magnitude": 2.0},
+        pre,
+    )
+    assert train.kind == "tps" and train.grid.shape == (32, 32) and len(val) == 2
+    assert train.preprocessor.network.shape == (32, 32) and train.preprocessor.network.levels == 0
+    assert train[0]["target"].shape == (9, 2) and not set(train.names) & set(val.names)
+    pre3 = Preprocessor(NetworkGrid((20, 24, 20), None, "RAS", 4), None)
+    opts = {"kind": "warp", "images": "lpba40", "subjects": ["S11"], "transform": "affine"}
+    tr, va = synthetic_datasets({**opts, "val_subjects": ["S35"], "length": 2}, pre3)
+    assert tr.grid.spacing == (8.0, 8.0, 8.0) and va.grid.allclose(tr.grid)
+    assert tr.preprocessor.network.spacing == (8.0, 8.0, 8.0) and va.names == ["S35"]
+    assert tr[0]["target"].shape == (12,) and tr[1]["fixed"].shape == (1, 20, 24, 20)
+    assert set(LPBA_HELDOUT) >= set(va.names)
+    with pytest.raises(InputError, match="transform must be one of"):
+        synthetic_datasets({**opts, "transform": "bspline"}, pre3)
+    with pytest.raises(InputError, match="unknown config key data.synthetic.rotaton"):
+        synthetic_datasets({**opts, "rotaton": 3}, pre3)
+    with pytest.raises(InputError, match="data.shape"):
+        synthetic_datasets(opts, Preprocessor(NetworkGrid()))

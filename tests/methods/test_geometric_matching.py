@@ -3,9 +3,11 @@ volume, trained on random warps of real photographs."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+from learnreg.core.grid import Grid
 from learnreg.data.datasets import collate_pairs
 from learnreg.data.random_warps import RandomWarpPairs, affine_points
 from learnreg.data.synthetic import photo_images
@@ -16,6 +18,8 @@ from learnreg.methods.geometric_matching import (
     matrix_to_affine_params,
 )
 from learnreg.methods.registry import create_method, method_info
+from learnreg.spatial.affine import AffineTransform
+from learnreg.spatial.frame import GridFrame, index_matrix_to_world
 from learnreg.spatial.sampling import sample_index, warp
 
 S = 32
@@ -27,14 +31,6 @@ SMALL = {
     "regression_kernels": (5, 3),
 }
 WARPS = {"rotation": 10.0, "translation": 3.0, "scale": 0.1, "shear": 0.05, "magnitude": 2.5}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +59,10 @@ def test_affine_parameters_roundtrip_and_dense_field() -> None:
     torch.testing.assert_close(matrix_to_affine_params(affine_matrix(p3, (5, 6, 7)), (5, 6, 7)), p3)
     model = GlobalTransformModel((20, 30), "affine").double()
     # the dense field at every voxel is T(x) − x of the data module's (independent) map
-    u = model.dense(p)
-    x = torch.stack(torch.meshgrid(torch.arange(20.0), torch.arange(30.0), indexing="ij"), -1)
-    x = x.double().reshape(1, -1, 2)
+    u = model.dense(p)  # from the world transform (float32 grid points)
+    x = Grid((20, 30)).index_points(torch.float64).reshape(1, -1, 2)
     ref = affine_points(p, (20, 30), x) - x
-    torch.testing.assert_close(u.flatten(2).transpose(1, 2), ref)
+    torch.testing.assert_close(u.flatten(2).transpose(1, 2).double(), ref, atol=2e-5, rtol=0)
 
 
 def test_grid_loss_of_a_translation() -> None:
@@ -94,7 +89,7 @@ def test_true_parameters_warp_moving_onto_fixed(kind, photos) -> None:
     m = create_method("geometric-matching", transform=kind, **SMALL)
     u = m.model.dense(b.target)
     warped = warp(b.moving, u)
-    x = torch.stack(torch.meshgrid(torch.arange(S), torch.arange(S), indexing="ij"), 0).float()
+    x = Grid((S, S)).index_points().movedim(-1, 0)
     inside = ((x + u >= 0) & (x + u <= S - 1)).all(1, keepdim=True)
     err = (warped - b.fixed).abs()[inside].mean()
     assert err < 0.2 * (b.moving - b.fixed).abs()[inside].mean()
@@ -111,7 +106,7 @@ def test_forward_2d_and_3d_shapes_start_at_identity(kind, photos) -> None:
     assert out.displacement.shape == (3, 2, S, S) and out.warped.shape == (3, 1, S, S)
     assert out.extras["params"].shape == ((3, 6) if kind == "affine" else (3, 9, 2))
     assert out.displacement.abs().max() < 0.5
-    assert type(m)(**m.config).config == m.config
+    assert type(m)(**m.config).config == m.config and m.input_shape == (S, S)
     m3 = GeometricMatching(
         ndim=3,
         transform=kind,
@@ -130,6 +125,40 @@ def test_forward_2d_and_3d_shapes_start_at_identity(kind, photos) -> None:
     loss = m3.loss(type(b)(x, x, target=target), out3)
     loss["total"].backward()
     assert m3.tower.layers[0].conv.weight.grad is not None
+
+
+@pytest.mark.parametrize("kind", ["affine", "tps"])
+def test_transform_is_world_space_on_the_network_grid(kind, photos) -> None:
+    """On an oblique physical grid: the affine is ``G M G⁻¹`` (an ``AffineTransform``, saved
+    as an ITK matrix), the TPS is the spline in the grid's index frame; both map world
+    points as the dense field says, and the validation error is the grid error."""
+    _, b = _heldout(photos, kind, 3)
+    torch.manual_seed(0)
+    m = create_method("geometric-matching", transform=kind, **SMALL)
+    with torch.no_grad():
+        m.regressor.fc.bias.normal_(0.0, 0.5)  # a visible transform
+    c, s_ = np.cos(0.3), np.sin(0.3)
+    grid = Grid((S, S), (1.5, 0.6), (30.0, -4.0), ((c, s_), (-s_, c)))
+    out = m.predict(b.fixed, b.moving, grid)
+    unit = m.predict(b.fixed, b.moving)
+    assert out.displacement.abs().max() > 0.3
+    torch.testing.assert_close(out.displacement, unit.displacement, atol=1e-4, rtol=0)
+    if kind == "affine":
+        assert isinstance(out.transform, AffineTransform)
+        want = index_matrix_to_world(out.extras["matrix"].double(), grid)
+        torch.testing.assert_close(out.transform.homogeneous().double(), want, atol=1e-5, rtol=0)
+    else:
+        assert isinstance(out.transform, GridFrame)
+    world = grid.world_points(torch.float64).reshape(1, -1, 2).expand(3, -1, -1)
+    mapped = grid.world_to_index(out.transform(world.float()).double())
+    index = grid.index_points(torch.float64).reshape(1, -1, 2)
+    field = out.displacement.flatten(2).transpose(1, 2).double()
+    torch.testing.assert_close(mapped - index, field, atol=1e-3, rtol=0)
+    batch = type(b)(b.fixed, b.moving, target=b.target, grid=grid)
+    err = m.transform_error(batch, out)
+    assert err.shape == (3,)
+    torch.testing.assert_close(err.mean(), m.loss(batch, out)["grid_error"])
+    assert set(m.validate(batch, out)) == {"error"}
 
 
 def test_bad_inputs_raise_value_error(photos) -> None:
@@ -160,6 +189,7 @@ def _train(m, ds, steps: int, batch: int, lr: float = 1e-3) -> None:
         opt.step()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kind,steps,lr,warps",
     # TPS: 3×3 control points moved by up to ±5 px (±2.5 px barely shows at 32×32)
@@ -177,3 +207,55 @@ def test_trains_below_the_identity_on_heldout_photos(kind, steps, lr, warps, pho
     after = m.loss(b, m.predict(b.fixed, b.moving))["grid_error"]
     assert float(before) == pytest.approx(float(identity), rel=0.02)
     assert after < 0.9 * identity, f"{kind}: {float(after):.3f} vs identity {float(identity):.3f}"
+
+
+# ---------------------------------------------------------------------------- issue 11 proof
+@pytest.mark.parametrize("kind", ["affine", "tps"])
+def test_train_then_register_oblique_pair_replays_in_simpleitk(kind, data_root, tmp_path):
+    """Issue 11 proof: `learnreg train` a tiny network on random warps of real photos,
+    `learnreg register --model` a pair of brain slices at another spacing and an oblique
+    direction: the affine is written as an ITK .mat SimpleITK reads as the prediction, the TPS
+    as a displacement field (and its inverse); SimpleITK replays both."""
+    from learnreg.train.checkpoint import load_checkpoint
+
+    from ._roundtrip import oblique_slices, register_and_replay, train
+
+    config = {
+        "method": "geometric-matching",
+        "method_config": {**SMALL, "transform": kind},
+        "data": {
+            "synthetic": {
+                "kind": "warp",
+                "transform": kind,
+                "image_size": [72, 96],
+                "margin": 8,
+                "length": 64,
+                "val_length": 8,
+                **WARPS,
+            }
+        },
+        "optimizer": {"lr": 3e-3},
+        "steps": 8,
+        "batch_size": 4,
+        "val_every": 4,
+    }
+    ckpt = train(config, tmp_path / "train")
+    state = load_checkpoint(ckpt)
+    assert state["extra"]["preprocess"]["network"]["shape"] == [S, S]
+    assert state["extra"]["best_key"] == "error"
+    report = register_and_replay(ckpt, *oblique_slices(data_root, "r64slice"), tmp_path / "out")
+    files = report["manifest"]["files"]
+    if kind == "affine":
+        assert report["manifest"]["info"]["transform"] == "AffineTransform"
+        assert "affine" in files and "warp" not in files
+        assert report["matrix_error"] <= 1e-5, report["matrix_error"]
+        from learnreg.io.result import load_result
+
+        a = load_result(tmp_path / "out").affine.homogeneous()[0].double()
+        assert float((a - torch.eye(3, dtype=a.dtype)).abs().max()) > 1e-3  # not the identity
+        print(f"MAD {report['mad']:.2e}, matrix error {report['matrix_error']:.1e}")
+    else:
+        assert report["manifest"]["info"]["transform"] == "GridFrame"
+        assert {"warp", "inverse_warp"} <= set(files)
+        assert report["max_warp_mm"] > 0.05  # a predicted spline (mm), not the identity
+        print(f"MAD {report['mad']:.2e}, max |u| {report['max_warp_mm']:.2f} mm")

@@ -6,19 +6,20 @@ import numpy as np
 import pytest
 import torch
 
+from learnreg.core.grid import Grid
 from learnreg.data.datasets import collate_pairs
 from learnreg.data.synthetic import HomographyPairs, photo_images
-from learnreg.data.synthetic import patch_corners as data_corners
 from learnreg.methods.homography import (
     HierarchicalHomographyNet,
     HomographyNet,
     UnsupervisedHomographyNet,
     corner_error,
     corners_to_homography,
-    homography_displacement,
     patch_corners,
 )
 from learnreg.methods.registry import create_method, method_info
+from learnreg.spatial.frame import index_matrix_to_world
+from learnreg.spatial.homography import Homography
 
 skimage = pytest.importorskip("skimage")
 from skimage.transform import ProjectiveTransform  # noqa: E402
@@ -32,14 +33,6 @@ CLASSES = dict(
 # corners perturbed by up to 8 pixels, both area-averaged to the network's 32×32
 PAIRS = {"patch_size": 64, "rho": 8.0, "downsample": 2}
 SMALL = {"patch_size": 32, "features": (16, 16, 16, 16, 32, 32, 32, 32), "hidden": (128,)}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +89,44 @@ def test_forward_output_is_consistent_with_its_corners(name, heldout_batch) -> N
     torch.testing.assert_close(at, corners, atol=1e-4, rtol=1e-4)
     assert m.config["offset_scale"] == 8.0
     assert type(m)(**m.config).config == m.config
-    torch.testing.assert_close(patch_corners(32), data_corners(32))
+    assert m.input_shape == (32, 32)
+    want = torch.tensor([[0.0, 0.0], [0.0, 31.0], [31.0, 31.0], [31.0, 0.0]])
+    torch.testing.assert_close(patch_corners(32), want)  # DeTone's cyclic order
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_transform_is_the_world_homography_of_the_grid(name, heldout_batch) -> None:
+    """On a network grid placed obliquely in world space, the output transform is the index
+    homography conjugated by the grid (``G H G⁻¹``); the voxel field does not depend on the
+    grid, and the trainer's validation error is the corner error."""
+    torch.manual_seed(0)
+    m = create_method(name, **SMALL)
+    with torch.no_grad():  # a visible homography instead of the near-identity start
+        for key, p in m.named_parameters():
+            if key.endswith("head.out.bias"):
+                p.normal_(0.0, 0.1)
+    b = heldout_batch
+    c, s_ = np.cos(0.4), np.sin(0.4)
+    grid = Grid((32, 32), (0.8, 1.3), (-20.0, 7.5), ((c, -s_), (s_, c)))
+    out = m.predict(b.fixed[:4], b.moving[:4], grid)
+    unit = m.predict(b.fixed[:4], b.moving[:4])
+    assert isinstance(out.transform, Homography) and out.grid is grid
+    assert out.extras["corners"].abs().max() > 0.2
+    torch.testing.assert_close(out.displacement, unit.displacement, atol=1e-4, rtol=0)
+    want = Homography.from_matrix(index_matrix_to_world(out.extras["homography"].double(), grid))
+    torch.testing.assert_close(
+        out.transform.homogeneous().double(), want.homogeneous(), atol=1e-5, rtol=1e-5
+    )
+    # the patch corners, in world coordinates, map to the world positions of c + δ
+    corners = patch_corners(32, torch.float64)[None].expand(4, 4, 2)
+    world = grid.index_to_world(corners)
+    mapped = out.transform(world.float()).double()
+    target = grid.index_to_world(corners + out.extras["corners"].double())
+    torch.testing.assert_close(mapped, target, atol=1e-3, rtol=0)
+    batch = type(b)(b.fixed[:4], b.moving[:4], target=b.target[:4], grid=grid)
+    err = m.transform_error(batch, out)
+    torch.testing.assert_close(err, corner_error(out.extras["corners"], b.target[:4]))
+    assert set(m.validate(batch, out)) == {"error"}
 
 
 def test_dlt_and_warp_match_skimage_projective_transform(heldout_batch) -> None:
@@ -116,12 +146,11 @@ def test_dlt_and_warp_match_skimage_projective_transform(heldout_batch) -> None:
     out = m.output(moving, h[:1], {})
     txy = _projective(_xy(c), _xy(c + offsets[0].numpy()))
     ref = sk_warp(moving[0, 0].numpy(), txy, order=1, mode="constant", cval=0.0)
-    inside = homography_displacement(h[:1], (32, 32))[0].numpy() + np.stack(
-        np.meshgrid(np.arange(32), np.arange(32), indexing="ij")
-    )
+    inside = (out.displacement[0] + Grid((32, 32)).index_points().movedim(-1, 0)).numpy()
     keep = (inside >= 0).all(0) & (inside <= 31).all(0)
     assert keep.mean() > 0.7
-    np.testing.assert_allclose(out.warped[0, 0].numpy()[keep], ref[keep], atol=1e-6)
+    # (the dense field comes from the world transform on float32 grid points)
+    np.testing.assert_allclose(out.warped[0, 0].numpy()[keep], ref[keep], atol=1e-5)
 
 
 def test_corner_error_is_mean_euclidean_distance() -> None:
@@ -135,12 +164,13 @@ def test_hierarchy_composes_residuals_on_the_rewarped_image(heldout_batch) -> No
     """Module 0 made to predict the true offsets exactly: module 1 then sees a pair aligned
     up to interpolation, and its true residual (used by the loss) is zero."""
     b = heldout_batch
-    item = type(b)(b.fixed[:1], b.moving[:1], target=b.target[:1])
+    two = [0, 0]  # one pair twice: the heads' batch norm needs batches of >= 2 in training
+    item = type(b)(b.fixed[two], b.moving[two], target=b.target[two])
     m = HierarchicalHomographyNet(levels=2, **SMALL).eval()
     head = m.stages[0].head.out
     with torch.no_grad():
         head.weight.zero_()
-        head.bias.copy_(item.target.flatten() / m.level_scale(0))
+        head.bias.copy_(item.target[0].flatten() / m.level_scale(0))
     out = m(item.fixed, item.moving)
     torch.testing.assert_close(out.extras["residuals"][:, 0], item.target, atol=1e-5, rtol=0)
     torch.testing.assert_close(out.extras["module_corners"][:, -1], out.extras["corners"])
@@ -155,11 +185,19 @@ def test_hierarchy_composes_residuals_on_the_rewarped_image(heldout_batch) -> No
     assert (out.warped - item.fixed)[mask].abs().mean() < 0.3 * (
         item.moving - item.fixed
     ).abs().mean()
+    with pytest.raises(ValueError, match="at least 2"):
+        m.train()(item.fixed[:1], item.moving[:1])
     m.set_trainable_levels([1])
     m.train()
     assert not m.stages[0].training and m.stages[1].training
     assert not any(p.requires_grad for p in m.stages[0].parameters())
     assert "l2_0" in m.loss(item, m(item.fixed, item.moving)) and m.trainable_levels == (1,)
+    # the stage-wise schedule from a config: trainable_levels is a constructor argument
+    staged = create_method("homography-hierarchical", levels=2, trainable_levels=[1], **SMALL)
+    assert staged.trainable_levels == (1,) and staged.config["trainable_levels"] == [1]
+    assert not any(p.requires_grad for p in staged.stages[0].parameters())
+    trained = {id(p) for p in staged.parameter_groups()["model"]}
+    assert trained == {id(p) for p in staged.stages[1].parameters()}
 
 
 def test_bad_inputs_raise_value_error(heldout_batch) -> None:
@@ -184,7 +222,7 @@ def test_bad_inputs_raise_value_error(heldout_batch) -> None:
     with pytest.raises(ValueError, match="offset_scale"):
         HomographyNet(offset_scale=0.0)
     # the unsupervised loss needs no target
-    u = UnsupervisedHomographyNet(**SMALL)
+    u = UnsupervisedHomographyNet(**SMALL).eval()  # batch norm in its head: 1 pair, eval
     assert set(u.loss(batch, u(batch.fixed, batch.moving))) == {"total", "l1"}
 
 
@@ -212,8 +250,17 @@ TRAINING = {  # steps, batch, lr, config
     # Nowruzi et al.'s schedule: module 1 alone, then module 2 on its re-warped output
     "homography-hierarchical": ((400, 150), 16, 1e-3, {"dropout": 0.0, "levels": 2}),
 }
+# Held-out corner error / identity must fall below these. Measured with this protocol:
+#   homography-net           0.796 (seed 0, 1 and 2 threads), 0.913, 0.927, 0.912 (seeds 1-3)
+#   homography-unsupervised  0.885, 0.883, 0.875 (seeds 0-2, 1 thread; 0.945 s0 before the fix)
+#   homography-hierarchical  0.754, 0.851, 0.823, 0.790 (seeds 0-3, 1 thread),
+#                            0.766, 0.782, 0.778 (seeds 0-2, 2 threads)
+# (before standardized inputs and batch-normalized heads: 0.809, 1.002, 1.006 for seeds 0-2)
+# so each bound keeps >= 0.04 from the worst seed measured.
+BOUNDS = {"homography-net": 0.97, "homography-unsupervised": 0.95, "homography-hierarchical": 0.92}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_trains_below_the_identity_on_heldout_photos(name, train_pairs, heldout_batch) -> None:
     steps, batch, lr, cfg = TRAINING[name]
@@ -231,7 +278,7 @@ def test_trains_below_the_identity_on_heldout_photos(name, train_pairs, heldout_
         _train(m, train_pairs, steps, batch, lr)
     after = corner_error(m.predict(b.fixed, b.moving).extras["corners"], b.target).mean()
     assert before == pytest.approx(float(identity), abs=0.05)
-    assert after < 0.95 * identity, (
+    assert after < BOUNDS[name] * identity, (
         f"{name}: {float(after):.3f} px vs identity {float(identity):.3f}"
     )
 
@@ -255,3 +302,54 @@ def test_trains_with_the_trainer(train_pairs, tmp_path) -> None:
     assert summary["step"] == 3
     assert (tmp_path / "checkpoints" / "last.pt").is_file()
     assert "corner_error" in (tmp_path / "log.csv").read_text()
+
+
+# ---------------------------------------------------------------------------- issue 11 proof
+TINY = {"patch_size": 32, "features": [8, 8, 8, 8, 16, 16, 16, 16], "hidden": [32], "dropout": 0}
+SOURCE = {"kind": "homography", "images": "photos", "patch_size": 64, "downsample": 2, "rho": 8}
+
+
+def _config(name: str, extra: dict | None = None, **top) -> dict:
+    return {
+        "method": name,
+        "method_config": {**TINY, **(extra or {})},
+        "data": {"synthetic": {**SOURCE, "length": 64, "val_length": 8}},
+        "optimizer": {"lr": 1e-2},
+        "steps": 8,
+        "batch_size": 4,
+        "val_every": 4,
+        **top,
+    }
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_train_then_register_oblique_pair_replays_in_simpleitk(name, data_root, tmp_path):
+    """Issue 11 proof: `learnreg train` a tiny network on DeTone's pairs of real photos,
+    `learnreg register --model` a pair of brain slices given at another spacing and an
+    oblique direction; the homography is written as a displacement field (and its inverse)
+    that SimpleITK replays. The hierarchy trains by config in Nowruzi's two stages (module 1,
+    then module 2 from stage 1's weights)."""
+    from learnreg.train.checkpoint import load_checkpoint
+
+    from ._roundtrip import oblique_slices, register_and_replay, train
+
+    if name == "homography-hierarchical":
+        first = train(_config(name, {"levels": 2, "trainable_levels": [0]}), tmp_path / "s1")
+        ckpt = train(
+            _config(name, {"levels": 2, "trainable_levels": [1]}, init=str(first)),
+            tmp_path / "s2",
+        )
+        a, b = load_checkpoint(first)["model"], load_checkpoint(ckpt)["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("stages.0."))
+        assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("stages.1."))
+    else:
+        ckpt = train(_config(name), tmp_path / "train")
+    state = load_checkpoint(ckpt)
+    assert state["extra"]["grid"]["shape"] == [32, 32]
+    assert state["extra"]["preprocess"]["network"]["shape"] == [32, 32]
+    assert state["extra"]["best_key"] == "error"  # validated by the corner error
+    report = register_and_replay(ckpt, *oblique_slices(data_root, "r16slice"), tmp_path / "out")
+    assert report["manifest"]["info"]["transform"] == "Homography"
+    assert {"warp", "inverse_warp"} <= set(report["manifest"]["files"])
+    assert report["max_warp_mm"] > 0.05  # a predicted homography (mm), not the identity
+    print(f"MAD {report['mad']:.2e}, max |u| {report['max_warp_mm']:.2f} mm")

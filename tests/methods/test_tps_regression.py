@@ -6,29 +6,23 @@ import numpy as np
 import pytest
 import torch
 
+from learnreg.core.grid import Grid
 from learnreg.data.datasets import collate_pairs
 from learnreg.data.random_warps import RandomWarpPairs, lpba_volumes, tps_points
-from learnreg.data.random_warps import control_points as data_control_points
 from learnreg.methods.registry import create_method, method_info
 from learnreg.methods.tps_regression import (
+    ControlGridSpline,
     TPSGrid,
     TPSRegression,
     control_point_error,
-    control_points,
     tps_basis,
 )
+from learnreg.spatial.frame import GridFrame
 from learnreg.spatial.sampling import warp
+from learnreg.spatial.tps import ThinPlateSpline
 
 SHAPE = (20, 24, 20)  # LPBA40 at 8 mm
 SMALL = {"shape": SHAPE, "grid_size": 6, "features": (8, 16, 16, 32), "downsample_after": (1,)}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +43,8 @@ def test_tps_basis_reproduces_spatial_thin_plate_spline() -> None:
     from skimage.transform import ThinPlateSplineTransform
 
     g = torch.Generator().manual_seed(0)
-    cp = control_points((30, 40), 3, torch.float64)
-    torch.testing.assert_close(cp, data_control_points((30, 40), 3, torch.float64))
+    cp = Grid((30, 40)).index_lattice(3, torch.float64)
+    torch.testing.assert_close(cp, TPSGrid((30, 40), 3).control.double())
     v = torch.randn(9, 2, generator=g, dtype=torch.float64)
     pts = torch.rand(25, 2, generator=g, dtype=torch.float64) * 29
     if hasattr(ThinPlateSplineTransform, "from_estimate"):
@@ -71,12 +65,38 @@ def test_tps_basis_reproduces_spatial_thin_plate_spline() -> None:
     # 3D dense field vs the data module's (spatial.tps.ThinPlateSpline) map
     grid = TPSGrid((6, 7, 5), 3)
     d = torch.randn(2, 27, 3, generator=g)
-    x = torch.stack(torch.meshgrid(*[torch.arange(s) for s in (6, 7, 5)], indexing="ij"), -1)
-    x = x.double().reshape(1, -1, 3)
+    x = Grid((6, 7, 5)).index_points(torch.float64).reshape(1, -1, 3)
     ref3 = tps_points(d.double(), (6, 7, 5), 3, x) - x
     torch.testing.assert_close(
         grid.dense(d).flatten(2).transpose(1, 2).double(), ref3, atol=1e-4, rtol=1e-4
     )
+
+
+def test_transform_maps_world_points_as_its_dense_field() -> None:
+    """The output transform is the thin-plate spline in the network grid's index frame: its
+    displacement on that grid is the fast design-matrix field, and on arbitrary world points
+    (between voxels, outside the grid) it is ``ThinPlateSpline`` through the control grid."""
+    g = torch.Generator().manual_seed(1)
+    tps = TPSGrid((9, 11, 8), 3)
+    delta = torch.randn(2, 27, 3, generator=g)
+    grid = Grid((9, 11, 8), (3.0, 2.5, 4.0), (-12.0, 30.0, 5.0), ((0, -1, 0), (1, 0, 0), (0, 0, 1)))
+    t = tps.transform(delta, grid)
+    assert isinstance(t, GridFrame) and isinstance(t.inner, ControlGridSpline)
+    assert t.batch_size == 2
+    torch.testing.assert_close(t.voxel_displacement(grid), tps.dense(delta))
+    slow = ThinPlateSpline.voxel_displacement(t.inner, Grid(grid.shape))  # kernel, no design
+    torch.testing.assert_close(slow, tps.dense(delta), atol=1e-4, rtol=1e-4)
+    idx = torch.rand(2, 50, 3, generator=g, dtype=torch.float64) * 14 - 2  # also outside
+    cp = grid.index_lattice(3, torch.float64)
+    ref = ThinPlateSpline(cp[None], cp[None] + delta.double())(idx)
+    mapped = t(grid.index_to_world(idx))
+    torch.testing.assert_close(grid.world_to_index(mapped), ref, atol=1e-6, rtol=0)
+    # the inverse is the iterative inverse of the dense field on the grid
+    pts = grid.world_points(torch.float64)[2:6, 3:7, 2:5].reshape(1, -1, 3).expand(2, -1, -1)
+    small = tps.transform(0.3 * delta, grid)  # a smooth, invertible spline
+    back = grid.world_to_index(small.inverse()(small(pts)))
+    err = (back - grid.world_to_index(pts)).abs()  # voxels: interpolation of the dense inverse
+    assert float(err.mean()) < 0.02 and float(err.max()) < 0.25
 
 
 def test_control_point_error() -> None:
@@ -95,7 +115,10 @@ def test_forward_shapes_identity_start_and_true_warp(head, volumes) -> None:
     out = m.predict(b.fixed, b.moving)
     assert out.displacement.shape == (2, 3, *SHAPE) and out.extras["control"].shape == (2, 216, 3)
     assert out.displacement.abs().max() < 0.5
-    assert type(m)(**m.config).config == m.config
+    assert type(m)(**m.config).config == m.config and m.input_shape == SHAPE
+    err = m.transform_error(b, out)
+    torch.testing.assert_close(err, control_point_error(out.extras["control"], b.target))
+    assert set(m.validate(b, out)) == {"error"}
     # the true control displacements warp moving onto fixed
     warped = warp(b.moving, m.tps.dense(b.target))
     assert (warped - b.fixed).abs().mean() < 0.2 * (b.moving - b.fixed).abs().mean()
@@ -137,6 +160,7 @@ def _brain_endpoint_error(u: torch.Tensor, fixed: torch.Tensor, moving: torch.Te
     return float((u.norm(dim=1, keepdim=True) * brain).sum() / brain.sum())
 
 
+@pytest.mark.slow
 def test_trains_below_the_identity_on_heldout_subjects(volumes) -> None:
     """Brief training (150 steps of 4) on random TPS warps of four LPBA40 subjects at 8 mm:
     the dense endpoint error inside the brain of two held-out subjects falls below the
@@ -162,3 +186,50 @@ def test_trains_below_the_identity_on_heldout_subjects(volumes) -> None:
     identity = _brain_endpoint_error(true, b.fixed, b.moving)
     after = _brain_endpoint_error(pred - true, b.fixed, b.moving)
     assert after < 0.9 * identity, f"{after:.3f} vs identity {identity:.3f} voxels"
+
+
+# ---------------------------------------------------------------------------- issue 11 proof
+def test_train_then_register_oblique_pair_replays_in_simpleitk(data_root, tmp_path):
+    """Issue 11 proof: `learnreg train` a tiny TPS network on random TPS warps of LPBA40 at
+    8 mm (on its physical RAS grid), `learnreg register --model` a pair of volumes given at
+    another spacing and an oblique direction: the spline is written as a displacement field
+    and its inverse that SimpleITK replays."""
+    from learnreg.io.images import read_image
+    from learnreg.train.checkpoint import load_checkpoint
+
+    from ._roundtrip import oblique, register_and_replay, train
+
+    config = {
+        "method": "tps-regression",
+        "method_config": {**SMALL, "shape": list(SHAPE), "features": [4, 8], "grid_size": 4},
+        "data": {
+            "synthetic": {
+                "kind": "warp",
+                "images": "lpba40",
+                "transform": "tps",
+                "subjects": ["S11", "S12"],
+                "val_subjects": ["S35"],
+                "grid_size": 4,
+                "magnitude": 2.0,
+                "fixed_border": True,
+                "length": 16,
+                "val_length": 2,
+            }
+        },
+        "optimizer": {"lr": 1e-2},
+        "steps": 6,
+        "batch_size": 2,
+        "val_every": 3,
+    }
+    ckpt = train(config, tmp_path / "train")
+    extra = load_checkpoint(ckpt)["extra"]
+    assert extra["grid"]["spacing"] == [8.0, 8.0, 8.0]
+    assert extra["preprocess"]["network"]["spacing"] == [8.0, 8.0, 8.0]
+    lpba = data_root / "lpba40" / "images"
+    fixed = oblique(read_image(lpba / "S35.nii.gz"), (6.0, 7.0, 5.0), 15.0, "f")
+    moving = oblique(read_image(lpba / "S36.nii.gz"), (5.0, 6.5, 7.5), -10.0, "m")
+    report = register_and_replay(ckpt, fixed, moving, tmp_path / "out")
+    assert report["manifest"]["info"]["transform"] == "GridFrame"
+    assert {"warp", "inverse_warp"} <= set(report["manifest"]["files"])
+    assert report["max_warp_mm"] > 0.05  # a predicted spline (mm), not the identity
+    print(f"MAD {report['mad']:.2e}, max |u| {report['max_warp_mm']:.2f} mm")

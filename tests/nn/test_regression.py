@@ -9,14 +9,6 @@ from learnreg.nn.blocks import CoordConv
 from learnreg.nn.regression import PairEncoder, ParameterRegressor, RegressionHead, VGGEncoder
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize(
     ("pooling", "expected"),
     [("max", (16, 4, 4)), ("avg", (16, 4, 4)), ("stride", (16, 4, 4)), (None, (16, 32, 32))],
@@ -74,6 +66,25 @@ def test_regression_head_starts_at_its_bias() -> None:
         small(torch.randn(3, 12))
     with pytest.raises(ValueError, match="dropout"):
         RegressionHead(10, 4, dropout=1.0)
+
+
+def test_regression_head_batch_norm_keeps_hidden_units_alive() -> None:
+    """``norm="batch"``: each hidden unit is centred over the batch before its ReLU, so no
+    shift of its weights can switch it off for every input (plain heads keep their layout)."""
+    plain = RegressionHead(10, 4, hidden=(8,), dropout=0.0)
+    assert [type(m).__name__ for m in plain.hidden] == ["Flatten", "Linear", "ReLU"]
+    head = RegressionHead(10, 4, hidden=(8,), dropout=0.0, norm="batch")
+    assert [type(m).__name__ for m in head.hidden] == ["Flatten", "Linear", "BatchNorm1d", "ReLU"]
+    with torch.no_grad():
+        head.hidden[1].weight.fill_(-1.0)  # every unit negative for positive inputs
+    x = torch.rand(16, 10)
+    h = head.train().hidden(x)
+    assert bool((h > 0).any(0).all())  # every unit still active for some inputs
+    assert head(x).shape == (16, 4) and head.eval()(x[:1]).shape == (1, 4)
+    with pytest.raises(ValueError, match="at least 2"):
+        head.train()(x[:1])
+    with pytest.raises(ValueError, match="head norm"):
+        RegressionHead(10, 4, norm="instance")
 
 
 def test_parameter_regressor_shapes_and_checks() -> None:

@@ -15,33 +15,45 @@ image grid, about the grid centre ``c = (S − 1) / 2``: ``x ↦ L (x − c) + c
   (``P = 6`` or ``12``), with ``L = R · Sh · diag(s)`` (rotation, upper-triangular shear,
   scales) drawn at random.
 
-Translations are in voxels. Rotations in index space are physical rotations only on grids with
-isotropic voxels and no reorientation, as the network grids used for these methods are.
+Translations are in voxels. Rotations in index space are physical rotations on grids with
+isotropic voxels, as the network grids used for these methods are (``G M G⁻¹``, ``G`` the
+grid's index-to-world matrix, is then a rotation of world points).
+
+``data.synthetic: {kind: perturb, ...}`` in a training config builds such pairs from a folder
+of real images on the network grid (:func:`perturbed_datasets`): self-pairs (a subject and a
+moved copy; the whole answer is known: supervised rigid or affine regression) or
+atlas-to-subject pairs with an added random transform (unsupervised affine networks).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import Dataset
 
-from learnreg.data.preprocess import sample_labels_index
+from learnreg.core.errors import InputError
+from learnreg.core.grid import Grid, apply_matrix
+from learnreg.data.datasets import Pair, PairDataset, atlas_pairs, folder_subjects
+from learnreg.data.preprocess import Preprocessor, sample_labels_index
+from learnreg.data.sources import register_source
 from learnreg.spatial.linear import Affine, Rigid, rotation_matrix
-from learnreg.spatial.sampling import warp
+from learnreg.spatial.sampling import sample_index
 
 __all__ = [
     "KINDS",
-    "grid_center",
     "num_params",
     "random_rigid_params",
     "random_affine_params",
     "params_to_matrix",
-    "matrix_displacement",
     "apply_matrix_to_image",
     "RandomPerturbation",
     "PerturbedPairs",
+    "PerturbOptions",
+    "perturbed_datasets",
 ]
 
 KINDS = ("rigid", "affine")
@@ -71,14 +83,6 @@ def _check_range(name: str, value: float, upper: float | None = None) -> float:
         bound = f" and < {upper}" if upper is not None else ""
         raise ValueError(f"{name} must be >= 0{bound}, got {value}")
     return v
-
-
-def grid_center(
-    shape: Sequence[int], dtype: torch.dtype = torch.float32, device=None
-) -> torch.Tensor:
-    """Index coordinates ``(D,)`` of the centre of a grid of ``shape``: ``(S − 1) / 2``."""
-    s = _check_shape(shape)
-    return torch.tensor([(v - 1) / 2 for v in s], dtype=dtype, device=device)
 
 
 def num_params(kind: str, ndim: int) -> int:
@@ -154,28 +158,7 @@ def params_to_matrix(params: torch.Tensor, kind: str, shape: Sequence[int]) -> t
             f"{kind} parameters for a {len(s)}D grid must be (N, {num_params(kind, len(s))}); "
             f"got {tuple(params.shape)}"
         )
-    c = grid_center(s, params.dtype, params.device)
-    return _CLASSES[kind].from_params(params, center=c).homogeneous()
-
-
-def matrix_displacement(matrix: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Displacement ``M x − x`` ``(N, D, *shape)`` (voxels) of index-space matrices
-    ``(N, D+1, D+1)`` (or ``(N, D, D+1)``) on a grid of ``shape`` (differentiable)."""
-    s = _check_shape(shape)
-    d = len(s)
-    if matrix.dim() != 3 or matrix.shape[-1] != d + 1 or matrix.shape[-2] not in (d, d + 1):
-        raise ValueError(
-            f"matrix_displacement: matrices for a {d}D grid must be (N, {d + 1}, {d + 1}); "
-            f"got {tuple(matrix.shape)}"
-        )
-    axes = [torch.arange(v, dtype=matrix.dtype, device=matrix.device) for v in s]
-    pts = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)  # (*S, D)
-    lin, off = matrix[:, :d, :d], matrix[:, :d, d]
-    disp = torch.einsum(
-        "nij,...j->n...i", lin - torch.eye(d, dtype=matrix.dtype, device=matrix.device), pts
-    )
-    disp = disp + off.view(-1, *([1] * d), d)
-    return disp.movedim(-1, 1).contiguous()
+    return _CLASSES[kind].from_params(params, center=Grid(s).index_center).homogeneous()
 
 
 def apply_matrix_to_image(
@@ -190,19 +173,22 @@ def apply_matrix_to_image(
         raise ValueError(
             f"batch sizes differ: image {tuple(image.shape)}, matrix {tuple(matrix.shape)}"
         )
+    if matrix.dim() != 3 or matrix.shape[1:] != (d + 1, d + 1):
+        raise ValueError(
+            f"apply_matrix_to_image: matrices for a {d}D image must be (N, {d + 1}, {d + 1}); "
+            f"got {tuple(matrix.shape)}"
+        )
     shape = tuple(image.shape[2:])
-    u = matrix_displacement(matrix.to(torch.float64), shape)
-    out = warp(image, u.to(image.dtype), "linear", "zeros")
+    pts = Grid(shape).index_points(torch.float64, image.device)
+    pts = apply_matrix(matrix.to(torch.float64), pts.expand(matrix.shape[0], *pts.shape))
+    out = sample_index(image, pts, "linear", "zeros")
     if labels is None:
         return out, None
     if labels.shape[0] != image.shape[0] or tuple(labels.shape[2:]) != shape:
         raise ValueError(
             f"labels {tuple(labels.shape)} must be (N, 1, *S) like image {tuple(image.shape)}"
         )
-    axes = [torch.arange(v, dtype=torch.float64) for v in shape]
-    pts = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).unsqueeze(0)
-    pts = pts + u.movedim(1, -1).cpu()
-    return out, sample_labels_index(labels.cpu(), pts).to(labels.device)
+    return out, sample_labels_index(labels.cpu(), pts.cpu()).to(labels.device)
 
 
 class RandomPerturbation:
@@ -291,6 +277,10 @@ class PerturbedPairs(Dataset):
     Item ``i`` of epoch ``e`` is ``base[i mod len(base)]`` perturbed with a generator seeded
     by ``(seed, i, e)``; ``length`` (default ``len(base)``) lets a small base set yield many
     different perturbations. :meth:`set_epoch` changes the draws of every item.
+
+    ``grid`` and ``preprocessor`` (default: the base dataset's, if it has them) are what the
+    trainer needs to know of a training set: the network grid of the items and how a new
+    image is put on it.
     """
 
     def __init__(
@@ -299,6 +289,8 @@ class PerturbedPairs(Dataset):
         perturbation: RandomPerturbation,
         seed: int = 0,
         length: int | None = None,
+        grid: Grid | None = None,
+        preprocessor: Preprocessor | None = None,
     ) -> None:
         n = len(base)  # type: ignore[arg-type]
         if n < 1:
@@ -310,6 +302,10 @@ class PerturbedPairs(Dataset):
         self.seed = int(seed)
         self.length = n if length is None else int(length)
         self.epoch = 0
+        self.grid = grid if grid is not None else getattr(base, "grid", None)
+        self.preprocessor = (
+            preprocessor if preprocessor is not None else getattr(base, "preprocessor", None)
+        )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -325,3 +321,100 @@ class PerturbedPairs(Dataset):
         )
         item = self.base[index % len(self.base)]  # type: ignore[index]
         return self.perturbation(item, g)
+
+
+# ---------------------------------------------------------------------------- training source
+@dataclass
+class PerturbOptions:
+    """Options of ``data.synthetic: {kind: perturb, ...}`` (:func:`perturbed_datasets`).
+
+    Args:
+        images: folder of real images (absolute, or relative to the working directory).
+        labels: folder of label maps of the same names (optional; moved label-safely with
+            the images, e.g. for a validation Dice).
+        atlas: name of the fixed image (atlas-to-subject pairs, the subject moved by an
+            added random transform; ``target`` is only that added part). Without it, each
+            pair is a subject and a moved copy of it (``target`` is the whole answer).
+        train, val: subject names (default: every image but the atlas and ``val``; none).
+        transform: ``"rigid"`` or ``"affine"`` (:class:`RandomPerturbation`).
+        rotation: maximum rotation per component, degrees.
+        translation: maximum translation per axis, voxels of the network grid.
+        scale, shear: affine only.
+        length: training items (random perturbations drawn from the subjects).
+        val_pairs: perturbations per validation subject (fixed draws).
+        seed: seed of the draws (validation uses ``seed + 1``).
+    """
+
+    images: str
+    labels: str | None = None
+    atlas: str | None = None
+    train: list[str] | None = None
+    val: list[str] | None = None
+    transform: str = "rigid"
+    rotation: float = 10.0
+    translation: float = 4.0
+    scale: float = 0.1
+    shear: float = 0.05
+    length: int = 10_000
+    val_pairs: int = 2
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, options: dict) -> PerturbOptions:
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise InputError(
+                f"unknown config key {', '.join('data.synthetic.' + k for k in unknown)} of "
+                f"kind perturb; valid keys: kind, {', '.join(known)}"
+            )
+        if "images" not in options:
+            raise InputError("config data.synthetic (kind perturb) needs images, a folder")
+        out = cls(**options)
+        if out.transform not in KINDS:
+            raise InputError(
+                f"config data.synthetic.transform must be one of {KINDS}, got {out.transform!r}"
+            )
+        if out.length < 1 or out.val_pairs < 1:
+            raise InputError("config data.synthetic: length and val_pairs must be >= 1")
+        return out
+
+
+@register_source("perturb")
+def perturbed_datasets(
+    options: dict, preprocessor: Preprocessor
+) -> tuple[PerturbedPairs, PerturbedPairs | None]:
+    """Training and validation pairs of real images moved by known random rigid or affine
+    transforms, on the network grid of ``preprocessor`` (derived from the atlas, or the first
+    training subject). Options: :class:`PerturbOptions`."""
+    o = PerturbOptions.from_dict(dict(options))
+    try:
+        pert = RandomPerturbation(
+            o.transform, o.rotation, o.translation, o.scale, o.shear, self_pairs=o.atlas is None
+        )
+    except ValueError as e:
+        raise InputError(f"config data.synthetic: {e}") from None
+    exclude = set(o.val or []) | ({o.atlas} if o.atlas else set())
+    names = o.train
+    if names is None:
+        names = [n for n in folder_subjects(o.images, o.labels) if n not in exclude]
+    train = list(folder_subjects(o.images, o.labels, names).values())
+    val = list(folder_subjects(o.images, o.labels, o.val).values()) if o.val else []
+    if not train:
+        raise InputError("config data.synthetic (kind perturb): no training images")
+
+    def pairs(subjects):
+        if o.atlas is None:
+            return [Pair.of(s, s, name=s.name) for s in subjects]
+        atlas = next(iter(folder_subjects(o.images, o.labels, [o.atlas]).values()))
+        return atlas_pairs(atlas, subjects)
+
+    base = PairDataset(pairs(train), preprocessor)
+    train_set = PerturbedPairs(base, pert, o.seed, o.length, base.grid, preprocessor)
+    val_set = None
+    if val:
+        vbase = PairDataset(pairs(val), preprocessor, grid=base.grid)
+        val_set = PerturbedPairs(
+            vbase, pert, o.seed + 1, o.val_pairs * len(vbase), base.grid, preprocessor
+        )
+    return train_set, val_set

@@ -37,6 +37,7 @@ import torch
 
 from learnreg.core.grid import Grid
 from learnreg.core.image import Image
+from learnreg.core.options import check_option
 from learnreg.spatial.base import SpatialTransform
 from learnreg.spatial.displacement import DisplacementField
 from learnreg.spatial.filters import gaussian_blur
@@ -86,8 +87,7 @@ class NetworkGrid:
     levels: int = 0
 
     def __post_init__(self) -> None:
-        if self.orientation not in ORIENTATIONS:
-            raise ValueError(f"orientation must be one of {ORIENTATIONS}, got {self.orientation!r}")
+        check_option("orientation", self.orientation, ORIENTATIONS)
         if self.levels < 0:
             raise ValueError(f"levels must be >= 0, got {self.levels}")
         if self.shape is not None:

@@ -9,14 +9,15 @@ case has landmarks); :class:`ProstatePairs` pads to a fixed channel count with e
 which the loss of ``hu-global-local`` ignores (a channel counts only where both masks are
 non-empty).
 
-Everything is put on one **network grid** in physical space: by default the fixed (TRUS)
-image's field of view, RAS-oriented, at 0.8 mm isotropic, padded to a multiple of
-``2**levels`` (:class:`~learnreg.data.preprocess.NetworkGrid`). Images are percentile
-normalized and resampled (anti-aliased, linear) by :class:`~learnreg.data.preprocess.
-Preprocessor`; masks are resampled linearly channel by channel into soft masks in ``[0, 1]``
-(as Hu et al.'s label-reg feeds them to its Dice loss). The original images and masks are kept
-so that predictions can be evaluated on the native TRUS grid in world millimetres
-(:func:`mask_centroids`, :func:`warp_masks`).
+Everything is put on one **network grid** in physical space: by default the first fixed
+(TRUS) image's field of view, RAS-oriented, at 0.8 mm isotropic, padded to a multiple of
+``2**levels`` (:class:`~learnreg.data.preprocess.NetworkGrid`); a dataset's ``preprocessor``
+puts a new image on a grid of that shape and spacing centred on its own field of view.
+Images are percentile normalized and resampled (anti-aliased, linear) by
+:class:`~learnreg.data.preprocess.Preprocessor`; masks are resampled linearly channel by
+channel into soft masks in ``[0, 1]`` (as Hu et al.'s label-reg feeds them to its Dice loss).
+The original images and masks are kept so that predictions can be evaluated on the native
+TRUS grid in world millimetres (:func:`mask_centroids`, :func:`warp_masks`).
 
 :class:`MaskAugmenter` is the random affine augmentation of label-reg (an independent random
 affine for the fixed and for the moving image of each pair, applied to the image and its
@@ -218,10 +219,14 @@ class ProstatePairs(Dataset):
         first = self._read(0)
         ndim = first["fixed"].ndim
         sp = (float(spacing),) * ndim if isinstance(spacing, (int, float)) else tuple(spacing)
-        self.preprocessor = Preprocessor(NetworkGrid(spacing=sp, levels=levels), percentiles)
-        self.grid = self.preprocessor.grid_for(first["fixed"]) if grid is None else grid
-        if self.grid.ndim != ndim:
-            raise ValueError(f"ProstatePairs: a {self.grid.ndim}D grid for {ndim}D images")
+        if grid is None:
+            grid = Preprocessor(NetworkGrid(spacing=sp, levels=levels)).grid_for(first["fixed"])
+        if grid.ndim != ndim:
+            raise ValueError(f"ProstatePairs: a {grid.ndim}D grid for {ndim}D images")
+        self.grid = grid
+        # a new TRUS image gets a grid of the same shape and spacing over its field of view
+        # (what fixed-size networks, e.g. hu-global-local's global network, need)
+        self.preprocessor = Preprocessor(NetworkGrid(grid.shape, grid.spacing), percentiles)
         for i in range(len(self.cases)):
             self[i]
 

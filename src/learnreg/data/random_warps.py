@@ -12,50 +12,62 @@ points, so a pair is (as DeTone's protocol in :mod:`learnreg.data.synthetic`):
 - ``target``: ``T``'s parameters, in **voxel index coordinates** of the crop grid:
 
   * ``"affine"``: :class:`~learnreg.spatial.linear.Affine` parameters ``[L − I | t]``
-    row-major ``(D(D+1),)`` about the crop centre ``c = (S − 1)/2``:
-    ``T(x) = L (x − c) + c + t`` (:mod:`learnreg.data.perturb`'s convention; drawn by
-    :func:`learnreg.data.perturb.random_affine_params`);
+    row-major ``(D(D+1),)`` about the crop centre ``c = Grid.index_center = (S − 1)/2``:
+    ``T(x) = L (x − c) + c + t`` (:func:`learnreg.methods.geometric_matching.affine_matrix`;
+    drawn by :func:`learnreg.data.perturb.random_affine_params`);
   * ``"tps"``: displacements ``(K, D)`` (voxels) of a regular grid of ``K`` control points
-    (:func:`control_points`: ``grid_size`` points per axis from the first to the last voxel
-    centre), each component uniform in ``±magnitude``; ``T`` is the thin-plate spline
-    (:class:`~learnreg.spatial.tps.ThinPlateSpline`) through ``p_k ↦ p_k + δ_k``.
+    (``Grid(shape).index_lattice(grid_size)``: ``grid_size`` points per axis from the first to
+    the last voxel centre, last axis fastest), each component uniform in ``±magnitude``;
+    ``T`` is the thin-plate spline (:class:`~learnreg.spatial.tps.ThinPlateSpline`) through
+    ``p_k ↦ p_k + δ_k`` (:class:`learnreg.methods.tps_regression.TPSGrid`).
 
 With a source image larger than the crop (2D photographs) the crop position is random and
 keeps ``margin`` voxels from the border, so ``T(x)`` mostly stays inside the image (Rocco et
 al. warp the whole image and take the central crop of both). With a source of exactly the
 crop size (3D brain volumes, whose background is zero) the crop is the whole volume.
 
-Sources: :func:`learnreg.data.synthetic.photo_images` / :func:`~learnreg.data.synthetic.
-brain_slice_images` (2D) and :func:`lpba_volumes` (LPBA40 T1 volumes, area-downsampled).
+Sources: :func:`learnreg.data.synthetic.source_images` (2D photographs, brain slices, an image
+folder) and :func:`lpba_volumes` (LPBA40 T1 volumes put on a coarse RAS grid in physical
+space, as the recorded preprocessing puts any new volume at prediction time).
+``learnreg train`` builds these pairs by name (:func:`warp_source`, ``data.synthetic: {kind:
+warp, ...}``): every dataset has the network ``grid`` of its items (the crop grid of 2D images;
+the physical 4–8 mm grid of the LPBA40 volumes) and the ``preprocessor`` that puts a new pair
+on it.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from learnreg.core.errors import InputError
 from learnreg.core.grid import Grid
-from learnreg.data.perturb import params_to_matrix, random_affine_params
+from learnreg.core.image import Image
+from learnreg.core.options import check_option
+from learnreg.data.perturb import random_affine_params
 from learnreg.data.preprocess import NetworkGrid, Preprocessor
+from learnreg.data.sources import register_source
+from learnreg.data.synthetic import IMAGE_SOURCES, normalized, source_images, source_options
+from learnreg.methods.geometric_matching import affine_matrix
+from learnreg.methods.tps_regression import TPSGrid
 from learnreg.spatial.sampling import sample_index
-from learnreg.spatial.tps import ThinPlateSpline, tps_kernel
+from learnreg.spatial.tps import ThinPlateSpline
 
 __all__ = [
     "WARP_KINDS",
     "LPBA_TRAIN",
     "LPBA_HELDOUT",
-    "control_points",
     "random_tps_displacements",
     "tps_points",
     "affine_points",
     "lpba_volumes",
     "RandomWarpPairs",
+    "warp_source",
 ]
 
 WARP_KINDS = ("affine", "tps")
@@ -79,23 +91,6 @@ def _grid_size(grid_size: int | Sequence[int], ndim: int) -> tuple[int, ...]:
     return g
 
 
-def control_points(
-    shape: Sequence[int],
-    grid_size: int | Sequence[int],
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str | None = None,
-) -> torch.Tensor:
-    """A regular grid of control points ``(K, D)`` in index coordinates of a grid of ``shape``:
-    ``grid_size`` points per axis from the first (0) to the last voxel centre (``S − 1``),
-    ordered as ``Grid(grid_size).index_points`` (last axis fastest); ``K = prod(grid_size)``."""
-    s = _check_shape(shape)
-    g = _grid_size(grid_size, len(s))
-    axes = [
-        torch.linspace(0, n - 1, k, dtype=dtype, device=device) for n, k in zip(s, g, strict=True)
-    ]
-    return torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(s))
-
-
 def random_tps_displacements(
     n: int,
     num_points: int,
@@ -115,6 +110,12 @@ def random_tps_displacements(
     return ((u * 2 - 1) * magnitude).float()
 
 
+@functools.lru_cache(maxsize=4)
+def _tps_grid(shape: tuple[int, ...], grid_size: tuple[int, ...]) -> TPSGrid:
+    """The TPS design of a crop grid (shared by the training and validation sets)."""
+    return TPSGrid(shape, grid_size)
+
+
 def tps_points(
     displacements: torch.Tensor,
     shape: Sequence[int],
@@ -122,10 +123,10 @@ def tps_points(
     points: torch.Tensor,
 ) -> torch.Tensor:
     """``T(points)`` for the thin-plate splines through the control grid of ``shape``
-    displaced by ``displacements`` ``(N, K, D)``; ``points`` ``(N or 1, P, D)`` index
-    coordinates; float64 result ``(N, P, D)``."""
+    (``Grid(shape).index_lattice(grid_size)``) displaced by ``displacements`` ``(N, K, D)``;
+    ``points`` ``(N or 1, P, D)`` index coordinates; float64 result ``(N, P, D)``."""
     s = _check_shape(shape)
-    cp = control_points(s, grid_size, torch.float64, displacements.device)
+    cp = Grid(s).index_lattice(_grid_size(grid_size, len(s)), torch.float64, displacements.device)
     if displacements.dim() != 3 or displacements.shape[1:] != cp.shape:
         raise ValueError(
             f"displacements must be (N, {cp.shape[0]}, {len(s)}) for a {grid_size} control "
@@ -138,38 +139,61 @@ def tps_points(
 def affine_points(params: torch.Tensor, shape: Sequence[int], points: torch.Tensor) -> torch.Tensor:
     """``T(points)`` for :class:`~learnreg.spatial.linear.Affine` parameters ``(N, D(D+1))``
     about the centre of a grid of ``shape``; ``points`` ``(N or 1, P, D)``; float64."""
-    m = params_to_matrix(params.double(), "affine", _check_shape(shape))
+    m = affine_matrix(params.double(), _check_shape(shape))
     d = m.shape[-1] - 1
     return points.double() @ m[:, :d, :d].transpose(1, 2) + m[:, None, :d, d]
+
+
+def _lpba_folder(folder: str | os.PathLike | None) -> Path:
+    if folder is None:
+        env = os.environ.get("LEARNREG_DATA")
+        return (Path(env) if env else _DEFAULT_DATA) / "lpba40"
+    return Path(folder)
+
+
+def _read_lpba(name: str, folder: Path) -> Image:
+    from learnreg.io.images import read_image
+
+    path = folder / "images" / f"{name}.nii.gz"
+    if not path.is_file():
+        raise InputError(f"{path}: LPBA40 volume not found (set LEARNREG_DATA or folder)")
+    return read_image(path)
 
 
 def lpba_volumes(
     names: Sequence[str] = LPBA_TRAIN,
     factor: int = 4,
     folder: str | os.PathLike | None = None,
-) -> dict[str, torch.Tensor]:
-    """LPBA40 T1 volumes ``name → (X, Y, Z)`` in [0, 1], area-averaged by ``factor``
-    (160×192×160 at 1 mm → 40×48×40 at 4 mm for ``factor=4``).
+    preprocessor: Preprocessor | None = None,
+    grid: Grid | None = None,
+) -> dict[str, Image]:
+    """LPBA40 T1 volumes ``name → Image`` on one coarse network grid in physical space.
 
-    ``folder``: the ``lpba40`` data folder (default ``$LEARNREG_DATA/lpba40``, else the shared
-    data folder next to the repository).
+    Each volume is put on the grid by ``preprocessor`` (:meth:`~learnreg.data.preprocess.
+    Preprocessor.image`: intensity normalization, anti-aliasing blur, linear resampling in
+    world space) exactly as a new volume is at prediction time. Default: a RAS grid of
+    ``factor`` mm (160×192×160 at 1 mm → 40×48×40 at 4 mm for ``factor=4``) over the field of
+    view, no intensity normalization (the volumes are in [0, 1]); a given ``preprocessor``'s
+    network grid (its shape, spacing, orientation) over the first volume's field of view is
+    used instead, or ``grid`` itself when given. ``folder``: the ``lpba40`` data folder
+    (default ``$LEARNREG_DATA/lpba40``, else the shared data folder next to the repository).
+    Before this redesign the volumes were area-averaged ``factor``× in storage order (LAS);
+    now they are what prediction makes of a new volume (RAS, Gaussian anti-aliasing).
     """
-    from learnreg.io.images import read_image
-
     if factor < 1:
         raise ValueError(f"factor must be >= 1, got {factor}")
-    if folder is None:
-        env = os.environ.get("LEARNREG_DATA")
-        folder = (Path(env) if env else _DEFAULT_DATA) / "lpba40"
+    if not names:
+        raise ValueError("lpba_volumes: no subjects")
+    root = _lpba_folder(folder)
+    first = _read_lpba(names[0], root)
+    if preprocessor is None:
+        shape = tuple(max(1, s // factor) for s in first.grid.shape)
+        preprocessor = Preprocessor(NetworkGrid(shape=shape), percentiles=None)
+    grid = preprocessor.grid_for(first) if grid is None else grid
     out = {}
     for name in names:
-        path = Path(folder) / "images" / f"{name}.nii.gz"
-        if not path.is_file():
-            raise InputError(f"{path}: LPBA40 volume not found (set LEARNREG_DATA or folder)")
-        v = read_image(path).data[None]
-        if factor > 1:
-            v = F.avg_pool3d(v, factor)
-        out[name] = v[0, 0].contiguous()
+        image = first if name == names[0] else _read_lpba(name, root)
+        out[name] = preprocessor.image(image, grid)
     return out
 
 
@@ -178,7 +202,8 @@ class RandomWarpPairs(Dataset):
 
     Args:
         images: ``name → (*S)`` grayscale images (2D or 3D, all of the same dimension), each at
-            least ``shape`` in every axis.
+            least ``shape`` in every axis; tensors, or :class:`~learnreg.core.Image` s on one
+            grid (e.g. :func:`lpba_volumes`).
         kind: ``"affine"`` or ``"tps"`` (module docstring).
         shape: the crop (network input) size; default: the size of the first image.
         length: number of items; item ``i`` is a pure function of ``(seed, i)``.
@@ -193,6 +218,13 @@ class RandomWarpPairs(Dataset):
         margin: the crop keeps this many voxels from the source image's border where the
             image is large enough (default ``translation + magnitude``-ish: ``max(S) / 8``).
         seed: seed of the whole set.
+        grid: the network grid of the items (:attr:`grid`); default: the images' own grid
+            when they are :class:`~learnreg.core.Image` s of the crop size (the whole volume),
+            else the unit grid of the crop.
+        preprocessor: how a new pair is put on that grid at prediction time (its network
+            shape must be ``shape``); default: a grid of ``shape`` over the fixed image's field
+            of view (at :attr:`grid`'s spacing when the images are :class:`Image` s), no
+            intensity normalization.
 
     Items: ``{"fixed", "moving"}`` ``(1, *shape)`` float32, ``"target"`` (module docstring;
     ``(D(D+1),)`` or ``(K, D)``), ``"origin"`` the crop position ``(D,)``, ``"index"``,
@@ -205,7 +237,7 @@ class RandomWarpPairs(Dataset):
 
     def __init__(
         self,
-        images: Mapping[str, torch.Tensor],
+        images: Mapping[str, torch.Tensor | Image],
         kind: str = "affine",
         shape: Sequence[int] | None = None,
         length: int = 1000,
@@ -219,15 +251,20 @@ class RandomWarpPairs(Dataset):
         fixed_border: bool = False,
         margin: int | None = None,
         seed: int = 0,
+        grid: Grid | None = None,
+        preprocessor: Preprocessor | None = None,
     ) -> None:
-        if kind not in WARP_KINDS:
-            raise ValueError(f"kind must be one of {WARP_KINDS}, got {kind!r}")
+        check_option("kind", kind, WARP_KINDS)
         if not images:
             raise ValueError("RandomWarpPairs: no images")
         if length < 1:
             raise ValueError(f"RandomWarpPairs: length must be >= 1, got {length}")
         self.names = list(images)
-        self.images = [torch.as_tensor(images[n]).float().contiguous() for n in self.names]
+        grids = [im.grid for im in images.values() if isinstance(im, Image)]
+        self.images = [
+            (im.data[0] if isinstance(im, Image) else torch.as_tensor(im)).float().contiguous()
+            for im in images.values()
+        ]
         ndim = self.images[0].dim()
         if ndim not in (2, 3) or any(im.dim() != ndim for im in self.images):
             raise ValueError(
@@ -261,10 +298,24 @@ class RandomWarpPairs(Dataset):
         self.margin = max(self.shape) // 8 if margin is None else int(margin)
         if self.margin < 0:
             raise ValueError(f"margin must be >= 0, got {margin}")
-        self.grid = Grid(self.shape)
-        self.preprocessor = Preprocessor(NetworkGrid(shape=self.shape), percentiles=None)
-        self._points = self.grid.index_points(torch.float64).reshape(1, -1, ndim)
-        self._kernel: torch.Tensor | None = None  # TPS kernel U(|x − p_k|) of the crop grid
+        if grid is None:
+            whole = len(grids) == len(self.images) and grids[0].shape == self.shape
+            if whole and not all(g.allclose(grids[0]) for g in grids):
+                raise ValueError("RandomWarpPairs: the images lie on different grids")
+            grid = grids[0] if whole else Grid(self.shape)
+        if tuple(grid.shape) != self.shape:
+            raise ValueError(f"RandomWarpPairs: grid {grid.shape} is not the crop {self.shape}")
+        self.grid = grid
+        if preprocessor is None:
+            spacing = grid.spacing if grids else None
+            preprocessor = Preprocessor(NetworkGrid(self.shape, spacing), percentiles=None)
+        if preprocessor.network.shape != self.shape:
+            raise ValueError(
+                f"RandomWarpPairs: the preprocessor's network shape "
+                f"{preprocessor.network.shape} is not the crop {self.shape}"
+            )
+        self.preprocessor = preprocessor
+        self._points = Grid(self.shape).index_points(torch.float64).reshape(1, -1, ndim)
 
     def __len__(self) -> int:
         return self.length
@@ -278,10 +329,8 @@ class RandomWarpPairs(Dataset):
 
     def inner_mask(self) -> torch.Tensor:
         """``(K,)`` float mask of the control points not on the grid's border."""
-        idx = torch.stack(
-            torch.meshgrid(*[torch.arange(g) for g in self.grid_size], indexing="ij"), -1
-        ).reshape(-1, self.ndim)
-        size = torch.tensor(self.grid_size)
+        idx = Grid(self.grid_size).index_points(torch.float64).reshape(-1, self.ndim)
+        size = torch.tensor(self.grid_size, dtype=torch.float64)
         return ((idx > 0) & (idx < size - 1)).all(-1).float()
 
     def draw(self, index: int) -> tuple[int, torch.Tensor, torch.Tensor]:
@@ -316,16 +365,9 @@ class RandomWarpPairs(Dataset):
         """``T(x)`` ``(1, P, D)`` of every voxel ``x`` of the crop grid (float64)."""
         if self.kind == "affine":
             return affine_points(params[None], self.shape, self._points)
-        # the spline's coefficients from spatial.tps, its kernel at the voxels cached
-        cp = control_points(self.shape, self.grid_size, torch.float64)
-        if self._kernel is None:
-            x = self._points[0]
-            r2 = (x.square().sum(1, keepdim=True) - 2 * x @ cp.T + cp.square().sum(1)).clamp_min(0)
-            self._kernel = tps_kernel(r2, self.ndim).float()
-        w, a = ThinPlateSpline(cp[None], cp[None] + params[None].double()).coefficients()
-        x = self._points[0]
-        mapped = (self._kernel @ w[0].float()).double() + x @ a[0, 1:] + a[0, :1]
-        return mapped[None]
+        # the spline's dense field by the TPS design of the crop grid (computed once)
+        u = _tps_grid(self.shape, self.grid_size).dense(params[None].float())
+        return self._points + u.flatten(2).transpose(1, 2).double()
 
     def __getitem__(self, index: int) -> dict:
         k, origin, params = self.draw(index)
@@ -343,3 +385,126 @@ class RandomWarpPairs(Dataset):
             "index": int(index),
             "names": (name, name),
         }
+
+
+_WARP_DEFAULTS = {
+    "transform": "affine",
+    "images": "photos",
+    "val_images": None,
+    "image_size": [144, 192],
+    "folder": None,
+    "subjects": None,
+    "val_subjects": None,
+    "length": 10**6,
+    "seed": 0,
+    "val_length": 64,
+    "val_seed": None,
+    "rotation": 15.0,
+    "translation": 4.0,
+    "scale": 0.15,
+    "shear": 0.1,
+    "grid_size": 3,
+    "magnitude": 3.0,
+    "fixed_border": False,
+    "margin": None,
+}
+
+
+@register_source("warp")
+def warp_source(
+    options: dict, preprocessor: Preprocessor
+) -> tuple[RandomWarpPairs, RandomWarpPairs | None]:
+    """``data.synthetic: {kind: warp, ...}``: random affine / TPS warps of real images.
+
+    Keys (defaults): ``transform`` (``affine`` or ``tps``), ``images`` (``photos``, ``brains``,
+    ``both``, ``lpba40`` or a 2D image folder), ``val_images`` (default: the held-out split of
+    a named source, none for a folder; ``false``: no validation), ``image_size`` (2D sources
+    are resized to it, [144, 192]), ``folder`` (of the brain slices / the ``lpba40`` folder),
+    ``subjects`` / ``val_subjects`` (LPBA40: :data:`LPBA_TRAIN` / :data:`LPBA_HELDOUT`),
+    ``length`` (10⁶), ``seed`` (0), ``val_length`` (64), ``val_seed`` (``seed + 1``) and the
+    warp ranges of :class:`RandomWarpPairs` (``rotation``, ``translation``, ``scale``,
+    ``shear``, ``grid_size``, ``magnitude``, ``fixed_border``, ``margin``).
+
+    The crop is the network grid: ``data.shape`` or the method's input shape. 2D images are
+    cropped at random on a unit grid of that shape; LPBA40 volumes are put whole on the network
+    grid in physical space (``data.spacing``, default the field of view / shape, e.g. 4 mm for
+    40×48×40; RAS unless ``data.orientation: native``) by the same preprocessing that prediction
+    records. Intensities are normalized with ``data.percentiles`` as inputs are at prediction.
+    """
+    o = source_options("warp", options, _WARP_DEFAULTS)
+    check_option("config data.synthetic.transform", o["transform"], WARP_KINDS, InputError)
+    net = preprocessor.network
+    if net.shape is None:
+        raise InputError(
+            "config data.synthetic (warp): the crop is the network grid: set data.shape "
+            "(or use a fixed-size method)"
+        )
+    shape = tuple(net.shape)
+    warp = {
+        k: o[k]
+        for k in (
+            "rotation",
+            "translation",
+            "scale",
+            "shear",
+            "grid_size",
+            "magnitude",
+            "fixed_border",
+            "margin",
+        )
+    }
+    if isinstance(warp["grid_size"], list):
+        warp["grid_size"] = tuple(warp["grid_size"])
+    seed = int(o["seed"])
+    val_seed = seed + 1 if o["val_seed"] is None else int(o["val_seed"])
+    try:
+        if o["images"] == "lpba40":
+            if len(shape) != 3:
+                raise ValueError(f"LPBA40 volumes need a 3D network grid, got {shape}")
+            pre = Preprocessor(
+                NetworkGrid(shape, net.spacing, net.orientation, 0),
+                preprocessor.percentiles,
+                preprocessor.antialias,
+            )
+            subjects = list(o["subjects"] or LPBA_TRAIN)
+            vols = lpba_volumes(subjects, folder=o["folder"], preprocessor=pre)
+            grid = next(iter(vols.values())).grid
+            # at prediction: the training resolution over the fixed image's field of view
+            pre = Preprocessor(
+                NetworkGrid(shape, grid.spacing, net.orientation, 0),
+                preprocessor.percentiles,
+                preprocessor.antialias,
+            )
+            opts = {"seed": seed, "grid": grid, "preprocessor": pre, **warp}
+            train = RandomWarpPairs(vols, o["transform"], shape, int(o["length"]), **opts)
+            val = None
+            if o["val_images"] is not False and int(o["val_length"]) > 0:
+                held = list(o["val_subjects"] or LPBA_HELDOUT)
+                vols = lpba_volumes(held, folder=o["folder"], preprocessor=pre, grid=grid)
+                opts["seed"] = val_seed
+                val = RandomWarpPairs(vols, o["transform"], shape, int(o["val_length"]), **opts)
+            return train, val
+        if len(shape) != 2:
+            raise ValueError(f"2D image sources need a 2D network grid, got {shape}")
+        pre = Preprocessor(
+            NetworkGrid(shape, net.spacing, net.orientation, 0),
+            preprocessor.percentiles,
+            preprocessor.antialias,
+        )
+        size = None if o["image_size"] is None else tuple(o["image_size"])
+        opts = {"seed": seed, "preprocessor": pre, **warp}
+        images = normalized(source_images(o["images"], "train", size, o["folder"]), pre.percentiles)
+        train = RandomWarpPairs(images, o["transform"], shape, int(o["length"]), **opts)
+        val_source = o["val_images"]
+        if val_source is None and str(o["images"]) in IMAGE_SOURCES:
+            val_source = o["images"]
+        val = None
+        if val_source not in (None, False) and int(o["val_length"]) > 0:
+            held = normalized(
+                source_images(val_source, "heldout", size, o["folder"]), pre.percentiles
+            )
+            opts["seed"] = val_seed
+            val = RandomWarpPairs(held, o["transform"], shape, int(o["val_length"]), **opts)
+        return train, val
+    except ValueError as e:
+        raise InputError(f"config data.synthetic (warp): {e}") from None

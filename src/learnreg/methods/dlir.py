@@ -19,11 +19,16 @@ unsupervised affine and deformable image registration", Medical Image Analysis 5
   (:meth:`DLIR.set_trainable_stages`): earlier stages are frozen (and their batch-norm
   statistics too), later ones are skipped while training.
 
-Transforms compose: stage ``k`` (spacing ``s_k``, field ``v_k``) sees ``moving ∘ φ_{k−1}`` and
-the map becomes ``φ_k = φ_{k−1} ∘ (id + v_k)``, with ``φ_0 = A`` the affine map; ``moving`` is
-resampled once through ``φ_k`` (no interpolation build-up). Everything is in voxel index
-coordinates of the network grid, the affine about the grid centre (:mod:`learnreg.data.
-perturb` conventions), fixed → moving.
+**Transform.** On the network grid ``G`` (a :class:`~learnreg.core.Grid` in world space) the
+networks think in voxel indices: the affine ``A`` about the grid centre (:mod:`learnreg.data.
+perturb` conventions), B-spline control displacements in voxels. Stage ``k`` (spacing
+``s_k``, field ``v_k``) sees ``moving ∘ φ_{k−1}`` and the map becomes ``φ_k = φ_{k−1} ∘ (id +
+v_k)``, with ``φ_0 = A``. The method's transform, fixed world → moving world, is therefore
+``TransformChain([B_K, …, B_1, A_world])``: the last B-spline stage acts first on fixed
+points, the affine (``G M G⁻¹``, an :class:`~learnreg.spatial.AffineTransform`, written as
+an ITK matrix) last; each ``B_k`` is a :class:`~learnreg.spatial.BSplineTransform` on ``G``.
+``moving`` is resampled once through it (no interpolation build-up). A B-spline field is
+zero outside the grid (ITK's convention), also where an earlier stage maps a point out of it.
 
 Scaled down for CPUs (documented, configurable): 16 kernels per layer (paper: 32), one hidden
 fully connected layer of 64 units, LeakyReLU(0.2) instead of ELU (the shared
@@ -43,22 +48,24 @@ import math
 from collections.abc import Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from learnreg.core.grid import Grid
+from learnreg.core.options import check_option
 from learnreg.losses import functional as LF
-from learnreg.methods.base import MethodOutput, RegistrationBatch, RegistrationMethod
+from learnreg.methods.base import MethodOutput, RegistrationBatch, RegistrationMethod, unit_grid
 from learnreg.methods.registry import register_method
 from learnreg.nn.blocks import ConvBlock, conv_nd
 from learnreg.nn.regression import PairEncoder, RegressionHead, VGGEncoder
-from learnreg.spatial.bspline import control_lattice_shape, evaluate_bspline
+from learnreg.spatial.affine import AffineTransform
+from learnreg.spatial.base import SpatialTransform, TransformChain
+from learnreg.spatial.bspline import BSplineTransform, control_lattice_shape
+from learnreg.spatial.frame import index_matrix_to_world
 from learnreg.spatial.linear import rotation_matrix
-from learnreg.spatial.sampling import warp
+from learnreg.spatial.sampling import sample, warp
 
 __all__ = [
     "SIMILARITIES",
-    "index_grid",
-    "affine_displacement",
     "decomposed_affine",
     "AffineNet",
     "BSplineNet",
@@ -68,34 +75,7 @@ __all__ = [
 SIMILARITIES = ("ncc", "lncc")
 
 
-def _check_choice(name: str, value: object, valid: Sequence[object]) -> None:
-    if value not in valid:
-        raise ValueError(f"{name} must be one of {tuple(valid)}, got {value!r}")
-
-
 # ---------------------------------------------------------------------------- helpers
-def index_grid(shape: Sequence[int], dtype=torch.float32, device=None) -> Tensor:
-    """Index coordinates of every voxel of a grid of ``shape``, channels-last ``(*S, D)``."""
-    axes = [torch.arange(int(s), dtype=dtype, device=device) for s in shape]
-    return torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)
-
-
-def affine_displacement(matrix: Tensor, shape: Sequence[int]) -> Tensor:
-    """Displacement ``M x − x`` ``(N, D, *S)`` in voxels of index-space homogeneous matrices
-    ``(N, D+1, D+1)`` on a grid of ``shape`` (differentiable)."""
-    d = len(shape)
-    if matrix.dim() != 3 or matrix.shape[1:] != (d + 1, d + 1):
-        raise ValueError(
-            f"affine_displacement: matrices for a {d}D grid must be (N, {d + 1}, {d + 1}); "
-            f"got {tuple(matrix.shape)}"
-        )
-    pts = index_grid(shape, matrix.dtype, matrix.device)
-    eye = torch.eye(d, dtype=matrix.dtype, device=matrix.device)
-    disp = torch.einsum("nij,...j->n...i", matrix[:, :d, :d] - eye, pts)
-    disp = disp + matrix[:, :d, d].reshape(-1, *([1] * d), d)
-    return disp.movedim(-1, 1)
-
-
 def decomposed_affine(
     translation: Tensor, rotation: Tensor, log_scale: Tensor, shear: Tensor, center: Tensor
 ) -> Tensor:
@@ -132,22 +112,16 @@ def decomposed_affine(
 
 def _sample_control_points(features: Tensor, shape: Sequence[int], spacing: int) -> Tensor:
     """Features ``(N, C, *F)`` pooled by ``spacing`` from a grid of ``shape``, sampled
-    (linearly, border-extended) at the control points of a B-spline lattice of that spacing:
-    control point ``k`` sits at voxel ``(k − 1) s``; feature cell ``j`` is centred at voxel
-    ``j s + (s − 1) / 2``."""
-    d = len(shape)
-    cshape = control_lattice_shape(shape, [spacing] * d)
-    coords = []
-    for axis in range(d):
-        nf = features.shape[axis + 2]
-        vox = (torch.arange(cshape[axis], dtype=features.dtype, device=features.device) - 1) * (
-            spacing
-        )
-        f = (vox - (spacing - 1) / 2) / spacing
-        coords.append(2 * f / (nf - 1) - 1 if nf > 1 else torch.zeros_like(f))
-    mesh = torch.stack(torch.meshgrid(*coords, indexing="ij"), -1).flip(-1)  # grid_sample x,y,z
-    mesh = mesh.unsqueeze(0).expand(features.shape[0], *mesh.shape)
-    return F.grid_sample(features, mesh, mode="bilinear", padding_mode="border", align_corners=True)
+    (linearly, border-extended) at the control points of a B-spline lattice of that spacing.
+
+    Both are grids in the voxel coordinates of the image grid: feature cell ``j`` is centred
+    at voxel ``j s + (s − 1) / 2`` (average pooling by ``s``), control point ``k`` sits at
+    voxel ``(k − 1) s`` (:mod:`learnreg.spatial.bspline`)."""
+    d, s = len(shape), float(spacing)
+    cells = Grid(tuple(features.shape[2:]), (s,) * d, ((s - 1) / 2,) * d)
+    lattice = Grid(control_lattice_shape(shape, [spacing] * d), (s,) * d, (-s,) * d)
+    coords = cells.world_to_grid_sample(lattice.world_points(features.dtype, features.device))
+    return sample(features, coords.unsqueeze(0), "linear", "border")
 
 
 # ---------------------------------------------------------------------------- networks
@@ -204,11 +178,11 @@ class AffineNet(nn.Module):
         x = self.encoder(fixed, moving)
         return self.head(x.flatten(2).mean(2))  # global average pooling per pipeline channel
 
-    def matrix(self, params: Tensor, shape: Sequence[int]) -> Tensor:
-        """Index-space matrices ``(N, D+1, D+1)`` about the centre of a grid of ``shape``;
-        translations are in half-extents of the grid, ``(S − 1) / 2`` voxels per axis."""
+    def matrix(self, params: Tensor, grid: Grid) -> Tensor:
+        """Index-space matrices ``(N, D+1, D+1)`` about the centre of ``grid``; translations
+        are in half-extents of the grid, ``(S − 1) / 2`` voxels per axis."""
         t, w, s, sh = params.split(self.sizes, 1)
-        half = torch.tensor([(n - 1) / 2 for n in shape], dtype=params.dtype, device=params.device)
+        half = torch.tensor(grid.index_center, dtype=params.dtype, device=params.device)
         return decomposed_affine(t * half, w, s, sh, half)
 
 
@@ -318,8 +292,8 @@ class DLIR(RegistrationMethod):
         trainable_stages: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        _check_choice("ndim", ndim, (2, 3))
-        _check_choice("similarity", similarity, SIMILARITIES)
+        check_option("ndim", ndim, (2, 3))
+        check_option("similarity", similarity, SIMILARITIES)
         if window < 1 or window % 2 == 0:
             raise ValueError(f"window must be an odd positive int, got {window}")
         if not math.isfinite(bending_weight) or bending_weight < 0:
@@ -376,53 +350,45 @@ class DLIR(RegistrationMethod):
         """Smallest image size per axis: the affine poolings and the largest control spacing."""
         return max([2**self.affine_net.downsamplings, *self.spacings])
 
-    def check_pair(self, fixed: Tensor, moving: Tensor) -> None:
+    def check_pair(self, fixed: Tensor, moving: Tensor, grid: Grid | None = None) -> None:
         if fixed.dim() != self.ndim + 2 or fixed.shape != moving.shape or fixed.shape[1] != 1:
             raise ValueError(
                 f"dlir: fixed and moving must both be (N, 1, *S) with {self.ndim} spatial dims; "
                 f"got {tuple(fixed.shape)} and {tuple(moving.shape)}"
             )
+        if grid is not None and grid.shape != tuple(fixed.shape[2:]):
+            raise ValueError(f"dlir: images {tuple(fixed.shape[2:])} are not on the grid {grid}")
         if min(fixed.shape[2:]) < self.min_size:
             raise ValueError(
                 f"dlir: images {tuple(fixed.shape[2:])} are too small; every axis needs at least "
                 f"{self.min_size} voxels (affine poolings, control spacings)"
             )
 
-    def _compose(self, matrix: Tensor, fields: list[Tensor], pts: Tensor) -> Tensor:
-        """Displacement of ``A ∘ (id + v_1) ∘ … ∘ (id + v_K)`` on the grid (``pts`` its index
-        points ``(*S, D)``); the affine is applied exactly, the fields interpolated."""
-        d = self.ndim
-        y = pts.unsqueeze(0) + fields[-1].movedim(1, -1)
-        for v in reversed(fields[:-1]):
-            y = y + warp(v, (y - pts).movedim(-1, 1), "linear", "border").movedim(1, -1)
-        y = torch.einsum("nij,n...j->n...i", matrix[:, :d, :d], y)
-        y = y + matrix[:, :d, d].reshape(-1, *([1] * d), d)
-        return (y - pts).movedim(-1, 1)
-
-    def forward(self, fixed: Tensor, moving: Tensor) -> MethodOutput:
-        self.check_pair(fixed, moving)
-        shape = tuple(fixed.shape[2:])
+    def forward(self, fixed: Tensor, moving: Tensor, grid: Grid | None = None) -> MethodOutput:
+        self.check_pair(fixed, moving, grid)
+        grid = unit_grid(fixed) if grid is None else grid
         params = self.affine_net(fixed, moving)
-        matrix = self.affine_net.matrix(params, shape)
-        u = affine_displacement(matrix, shape)
-        warped = [warp(moving, u)]
-        last = self.stages - 1
-        if self.training:
-            last = max(self.trainable_stages)
-        pts = index_grid(shape, fixed.dtype, fixed.device)
+        matrix = self.affine_net.matrix(params, grid)
+        parts: list[SpatialTransform] = [AffineTransform(index_matrix_to_world(matrix, grid))]
+        last = max(self.trainable_stages) if self.training else self.stages - 1
+        warped: list[Tensor] = []
         fields: list[Tensor] = []
         extras: dict = {"affine": matrix, "affine_params": params}
         for k in range(1, last + 1):
+            so_far = parts[0] if len(parts) == 1 else TransformChain(parts)
+            warped.append(warp(moving, so_far.voxel_displacement(grid)))
             net = self.bspline_nets[k - 1]
             coeff = net(fixed, warped[-1])
-            fields.append(evaluate_bspline(coeff, (net.spacing,) * self.ndim, shape))
-            u = self._compose(matrix, fields, pts)
-            warped.append(warp(moving, u))
+            bspline = BSplineTransform(grid, net.spacing, params=coeff)
+            fields.append(bspline.voxel_field())
+            parts.insert(0, bspline)  # acts on fixed points before the earlier stages
             extras[f"coefficients_{k}"] = coeff
-        extras["stage_warped"] = torch.cat(warped, 1)
+        transform = parts[0] if len(parts) == 1 else TransformChain(parts)
+        out = MethodOutput(transform, grid, moving, extras)
+        out.extras["stage_warped"] = torch.cat([*warped, out.warped], 1)
         if fields:
-            extras["bspline_fields"] = torch.stack(fields, 1)
-        return MethodOutput(u, warped[-1], None, extras)
+            out.extras["bspline_fields"] = torch.stack(fields, 1)
+        return out
 
     def image_loss(self, fixed: Tensor, warped: Tensor) -> Tensor:
         if self.similarity == "ncc":

@@ -18,12 +18,17 @@ matching", CVPR 2017:
 
 Conventions: the transform maps fixed to moving points (``ARCHITECTURE.md``); the correlation
 volume is ``c(k, x)`` = ⟨moving feature at position ``k``, fixed feature at ``x``⟩, laid out
-on the fixed feature grid. ``transform="affine"``: :class:`learnreg.spatial.linear.Affine`
-parameters ``[L − I | t]`` about the grid centre, voxel index coordinates
-(:mod:`learnreg.data.perturb`); ``transform="tps"``: displacements ``(K, D)`` (voxels) of the
-control grid :func:`learnreg.methods.tps_regression.control_points`. The grid loss is taken in
-normalized coordinates (Rocco's), ``grid_error`` (mean distance, voxels) is reported with it.
-``extras``: ``"params"`` (``(N, D(D+1))`` or ``(N, K, D)``) and, for the affine, ``"matrix"``.
+on the fixed feature grid. The network regresses in voxel index coordinates of its grid:
+``transform="affine"``: :class:`learnreg.spatial.linear.Affine` parameters ``[L − I | t]``
+about the grid centre ``Grid.index_center`` (:mod:`learnreg.data.random_warps`);
+``transform="tps"``: displacements ``(K, D)`` (voxels) of the control grid
+``Grid(shape).index_lattice(grid_size)``. :meth:`GeometricMatching.forward` returns the world
+transform of the network grid: an :class:`~learnreg.spatial.affine.AffineTransform`
+(``index_matrix_to_world``; saved as an ITK ``.mat``) or the thin-plate spline in the grid's
+index frame (:meth:`learnreg.methods.tps_regression.TPSGrid.transform`). The grid loss is
+taken in normalized coordinates (Rocco's), ``grid_error`` (mean distance, voxels) is reported
+with it. ``extras``: ``"params"`` (``(N, D(D+1))`` or ``(N, K, D)``) and, for the affine,
+``"matrix"`` (index coordinates).
 
 Scaled down for CPUs (documented, configurable): Rocco's feature extractor is ImageNet-
 pretrained VGG-16 up to ``pool4`` on 240×240 images (15×15×512 features); here a VGG-style
@@ -40,32 +45,30 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from learnreg.core.grid import Grid
+from learnreg.core.options import check_option
 from learnreg.losses import functional as LF
-from learnreg.methods.base import MethodOutput, RegistrationBatch, RegistrationMethod
-from learnreg.methods.dlir import affine_displacement
+from learnreg.methods.base import MethodOutput, RegistrationBatch, RegistrationMethod, unit_grid
 from learnreg.methods.registry import register_method
 from learnreg.methods.tps_regression import TPSGrid
 from learnreg.nn.blocks import conv_nd
 from learnreg.nn.correlation import FeatureCorrelation
 from learnreg.nn.regression import VGGEncoder
+from learnreg.spatial.affine import AffineTransform
+from learnreg.spatial.base import SpatialTransform
+from learnreg.spatial.frame import index_matrix_to_world
 from learnreg.spatial.linear import Affine
-from learnreg.spatial.sampling import warp
 
 __all__ = [
     "TRANSFORMS",
     "affine_matrix",
     "matrix_to_affine_params",
-    "loss_grid",
     "GlobalTransformModel",
     "CorrelationRegressor",
     "GeometricMatching",
 ]
 
 TRANSFORMS = ("affine", "tps")
-
-
-def _center(shape: Sequence[int], like: Tensor) -> Tensor:
-    return torch.tensor([(s - 1) / 2 for s in shape], dtype=like.dtype, device=like.device)
 
 
 def affine_matrix(params: Tensor, shape: Sequence[int]) -> Tensor:
@@ -77,7 +80,8 @@ def affine_matrix(params: Tensor, shape: Sequence[int]) -> Tensor:
             f"affine parameters for a {d}D grid must be (N, {d * (d + 1)}); "
             f"got {tuple(params.shape)}"
         )
-    return Affine.from_params(params, center=_center(shape, params)).homogeneous()
+    c = torch.tensor(Grid(tuple(shape)).index_center, dtype=params.dtype, device=params.device)
+    return Affine.from_params(params, center=c).homogeneous()
 
 
 def matrix_to_affine_params(matrix: Tensor, shape: Sequence[int]) -> Tensor:
@@ -89,29 +93,25 @@ def matrix_to_affine_params(matrix: Tensor, shape: Sequence[int]) -> Tensor:
             f"matrices for a {d}D grid must be (N, {d + 1}, {d + 1}); got {tuple(matrix.shape)}"
         )
     lin, off = matrix[:, :d, :d], matrix[:, :d, d]
-    c = _center(shape, matrix)
+    c = torch.tensor(Grid(tuple(shape)).index_center, dtype=matrix.dtype, device=matrix.device)
     t = off - c + (lin @ c.unsqueeze(-1)).squeeze(-1)
     eye = torch.eye(d, dtype=matrix.dtype, device=matrix.device)
     return torch.cat([lin - eye, t.unsqueeze(-1)], -1).reshape(matrix.shape[0], -1)
 
 
-def loss_grid(shape: Sequence[int], points: int) -> Tensor:
-    """``points`` per axis, evenly from the first to the last voxel centre: ``(P, D)`` index
-    coordinates (Rocco's 20×20 grid in ``[−1, 1]²``, in voxel units of ``shape``)."""
-    if points < 2:
-        raise ValueError(f"loss grid needs >= 2 points per axis, got {points}")
-    axes = [torch.linspace(0, s - 1, points, dtype=torch.float64) for s in shape]
-    return torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(shape))
-
-
 class GlobalTransformModel(nn.Module):
-    """An affine or a TPS transform on a fixed grid: parameters → points, dense fields, loss.
+    """An affine or a TPS transform on a fixed grid: parameters → transform, points, loss.
+
+    Parameters are in voxel index coordinates of a grid of ``shape`` (:func:`affine_matrix`;
+    TPS control displacements of ``Grid(shape).index_lattice(grid_size)``);
+    :meth:`world_transform` places them on a network grid in world space.
 
     Args:
         shape: the network grid.
         transform: ``"affine"`` or ``"tps"``.
         grid_size: TPS control points per axis.
-        loss_points: points per axis of the grid loss (Rocco: 20).
+        loss_points: points per axis of the grid loss (Rocco: 20), from the first to the last
+            voxel centre (``Grid.index_lattice``; Rocco's 20×20 grid in ``[−1, 1]²``).
     """
 
     def __init__(
@@ -122,14 +122,15 @@ class GlobalTransformModel(nn.Module):
         loss_points: int = 20,
     ) -> None:
         super().__init__()
-        if transform not in TRANSFORMS:
-            raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
+        check_option("transform", transform, TRANSFORMS)
         self.shape = tuple(int(s) for s in shape)
         if len(self.shape) not in (2, 3) or any(s < 2 for s in self.shape):
             raise ValueError(f"shape must be 2 or 3 sizes >= 2, got {tuple(shape)}")
+        if int(loss_points) < 2:
+            raise ValueError(f"loss grid needs >= 2 points per axis, got {loss_points}")
         self.ndim, self.transform = len(self.shape), transform
         d = self.ndim
-        g = loss_grid(self.shape, loss_points)
+        g = Grid(self.shape).index_lattice(int(loss_points), torch.float64)
         self.register_buffer("points", g.float(), persistent=False)
         half = torch.tensor([max(s - 1, 1) / 2 for s in self.shape])
         self.register_buffer("half_extent", half, persistent=False)
@@ -158,8 +159,25 @@ class GlobalTransformModel(nn.Module):
             )
         return params.reshape(n, *self.param_shape)
 
+    def world_transform(self, params: Tensor, grid: Grid | None = None) -> SpatialTransform:
+        """The transform of ``params`` on the world points of ``grid`` (a grid of
+        :attr:`shape`, default the unit grid): an :class:`~learnreg.spatial.affine.
+        AffineTransform` ``G M G⁻¹`` or the thin-plate spline in ``grid``'s index frame."""
+        p = self.check_params(params)
+        grid = Grid(self.shape) if grid is None else grid
+        if tuple(grid.shape) != self.shape:
+            raise ValueError(f"{self.transform} parameters of a {self.shape} grid on {grid.shape}")
+        if self.tps is None:
+            return AffineTransform(index_matrix_to_world(affine_matrix(p, self.shape), grid))
+        return self.tps.transform(p, grid)
+
+    def dense(self, params: Tensor) -> Tensor:
+        """Dense displacement ``(N, D, *S)`` in voxels (of the transform on any grid of
+        :attr:`shape`)."""
+        return self.world_transform(params).voxel_displacement(Grid(self.shape))
+
     def map_points(self, params: Tensor) -> Tensor:
-        """``T(g)`` ``(N, P, D)`` of the loss grid ``g``."""
+        """``T(g)`` ``(N, P, D)`` of the loss grid ``g`` (index coordinates)."""
         p = self.check_params(params)
         g = self.points.to(p.dtype)
         if self.tps is None:
@@ -168,12 +186,11 @@ class GlobalTransformModel(nn.Module):
             return g @ m[:, :d, :d].transpose(1, 2) + m[:, None, :d, d]
         return g + self.point_basis.to(p.dtype) @ p
 
-    def dense(self, params: Tensor) -> Tensor:
-        """Dense displacement ``(N, D, *S)``, voxels."""
-        p = self.check_params(params)
-        if self.tps is None:
-            return affine_displacement(affine_matrix(p, self.shape), self.shape)
-        return self.tps.dense(p)
+    def grid_errors(self, pred: Tensor, target: Tensor) -> Tensor:
+        """Mean distance per pair ``(N,)`` between the loss grid mapped by ``pred`` and by
+        ``target`` (voxels)."""
+        a, b = self.map_points(pred), self.map_points(target.to(pred.dtype))
+        return LF.grid_point_distance(a, b, reduction="none")
 
     def grid_loss(self, pred: Tensor, target: Tensor) -> dict[str, Tensor]:
         """Rocco's transformed-grid loss (mean squared distance in normalized coordinates) and
@@ -291,8 +308,7 @@ class GeometricMatching(RegistrationMethod):
         normalize_correlation: bool = True,
     ) -> None:
         super().__init__()
-        if ndim not in (2, 3):
-            raise ValueError(f"ndim must be 2 or 3, got {ndim!r}")
+        check_option("ndim", ndim, (2, 3))
         shape = {2: (64, 64), 3: (40, 48, 40)}[ndim] if shape is None else shape
         self.model = GlobalTransformModel(shape, transform, grid_size, loss_points)
         if self.model.ndim != ndim:
@@ -335,6 +351,10 @@ class GeometricMatching(RegistrationMethod):
             norm=norm is not None,
         )
 
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.shape
+
     def check_pair(self, fixed: Tensor, moving: Tensor) -> None:
         want = (1, *self.shape)
         if fixed.shape != moving.shape or fixed.dim() != self.ndim + 2 or fixed.shape[1:] != want:
@@ -345,20 +365,20 @@ class GeometricMatching(RegistrationMethod):
             )
 
     def predict_params(self, fixed: Tensor, moving: Tensor) -> Tensor:
-        """Transform parameters ``(N, *param_shape)`` (voxel units)."""
+        """Transform parameters ``(N, *param_shape)`` (voxel index units of the grid)."""
         self.check_pair(fixed, moving)
         f_fixed, f_moving = self.tower(torch.cat([fixed, moving], 0)).chunk(2, 0)
         corr = self.correlation(f_moving, f_fixed)
         raw = self.regressor(corr) * self.unit.to(fixed.dtype)
         return raw.view(fixed.shape[0], *self.model.param_shape)
 
-    def forward(self, fixed: Tensor, moving: Tensor) -> MethodOutput:
+    def forward(self, fixed: Tensor, moving: Tensor, grid: Grid | None = None) -> MethodOutput:
+        grid = unit_grid(fixed) if grid is None else grid
         params = self.predict_params(fixed, moving)
-        disp = self.model.dense(params)
         extras = {"params": params}
         if self.transform == "affine":
             extras["matrix"] = affine_matrix(params, self.shape)
-        return MethodOutput(disp, warp(moving, disp), extras=extras)
+        return MethodOutput(self.model.world_transform(params, grid), grid, moving, extras)
 
     def target(self, batch: RegistrationBatch) -> Tensor:
         """``batch.target`` as ``(N, *param_shape)`` (raises if absent or malformed)."""
@@ -377,3 +397,8 @@ class GeometricMatching(RegistrationMethod):
     def loss(self, batch: RegistrationBatch, output: MethodOutput) -> dict[str, Tensor]:
         terms = self.model.grid_loss(output.extras["params"], self.target(batch))
         return {"total": terms["grid_loss"], **terms}
+
+    def transform_error(self, batch: RegistrationBatch, output: MethodOutput) -> Tensor:
+        """Rocco's grid error per pair ``(N,)``: mean distance of the loss grid mapped by the
+        predicted and the true transform, voxels of the network grid."""
+        return self.model.grid_errors(output.extras["params"], self.target(batch))

@@ -13,15 +13,19 @@ Two networks, trained only with labels (prediction needs the images alone):
 **Composite transform, fixed → moving.** Let ``A(x) = c + L (x − c) + h t`` be the affine in
 voxel coordinates of the network grid (``c`` the grid centre, ``h`` half the largest grid
 extent, so parameters are unitless: ``[L | t] − [I | 0]`` of the affine acting on
-``q = (x − c) / h``, :class:`~learnreg.spatial.linear.Affine`'s layout). The local network
-registers the fixed image to ``moving ∘ A``, so a fixed point ``x`` goes first through the
-dense field, then through the affine::
+``q = (x − c) / h``, :class:`~learnreg.spatial.linear.Affine`'s layout; :func:`affine_matrix`).
+The local network registers the fixed image to ``moving ∘ A``, so a fixed point ``x`` goes
+first through the dense field, then through the affine::
 
     φ(x) = A(x + u_L(x)),     displacement u(x) = u_A(x) + L u_L(x)
 
 i.e. the moving image is aligned affinely first, then deformed locally; ``φ`` is exact (no
 resampling of fields), and the moving image is warped once, by ``u``. (label-reg adds the two
-displacements, ``A(x) + u_L(x)``, which differs by ``(L − I) u_L``.)
+displacements, ``A(x) + u_L(x)``, which differs by ``(L − I) u_L``.) In world space (the
+network grid ``G``) the method's transform is an :class:`~learnreg.spatial.AffineTransform`
+``G A G⁻¹`` (global; written as an ITK matrix), a :class:`~learnreg.spatial.DisplacementField`
+``u_L`` on ``G`` (local), or ``TransformChain([DisplacementField(G, u_L), G A G⁻¹])``
+(composite).
 
 **Loss** (``stage="composite"``): multi-scale soft Dice (:func:`~learnreg.losses.functional.
 multiscale_dice`, Gaussian σ in ``scales`` voxels of the network grid, label-reg's
@@ -44,7 +48,8 @@ full-resolution displacement head. All fields are in voxel units of the network 
 
 Training recipe of ``benchmarks/prostate_hu.py`` (MR→TRUS prostate pairs on a 0.8 mm TRUS
 grid): the global stage first, then the composite with its global network initialized from
-it, trained end to end; Adam at 1e-3 for a few hundred steps of batch 4 (label-reg: 1e-5 for
+it (``init:`` the global run's checkpoint, :meth:`HuGlobalLocal.initial_state`), trained end
+to end; Adam at 1e-3 for a few hundred steps of batch 4 (label-reg: 1e-5 for
 10 000 iterations) with label-reg's independent random affine augmentation of both images
 (:class:`~learnreg.data.prostate.MaskAugmenter`).
 """
@@ -56,56 +61,48 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from learnreg.core.grid import Grid
+from learnreg.core.options import check_option
 from learnreg.losses import functional as LF
-from learnreg.methods.base import MethodOutput, RegistrationBatch, RegistrationMethod
+from learnreg.methods.base import MethodOutput, RegistrationBatch, RegistrationMethod, unit_grid
 from learnreg.methods.registry import register_method
 from learnreg.methods.voxelmorph import one_hot_union
 from learnreg.nn.blocks import FlowHead
 from learnreg.nn.regression import ParameterRegressor
 from learnreg.nn.unet import UNet
+from learnreg.spatial.affine import AffineTransform
+from learnreg.spatial.base import SpatialTransform, TransformChain
+from learnreg.spatial.displacement import DisplacementField
+from learnreg.spatial.frame import index_matrix_to_world
 from learnreg.spatial.linear import Affine
 from learnreg.spatial.sampling import warp
 
-__all__ = ["HuGlobalLocal", "STAGES", "REGULARIZERS", "affine_displacement", "label_masks"]
+__all__ = ["HuGlobalLocal", "STAGES", "REGULARIZERS", "affine_matrix", "label_masks"]
 
 STAGES = ("global", "local", "composite")
 REGULARIZERS = ("bending", "diffusion")
 
 
-def _check_choice(name: str, value: object, valid: Sequence[object]) -> None:
-    if value not in valid:
-        raise ValueError(f"{name} must be one of {tuple(valid)}, got {value!r}")
-
-
-def _grid_frame(shape: Sequence[int], dtype: torch.dtype, device) -> tuple[Tensor, Tensor, float]:
-    """Index points ``(P, D)``, the grid centre ``(D,)`` and the half extent ``h``."""
-    axes = [torch.arange(int(s), dtype=dtype, device=device) for s in shape]
-    pts = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(shape))
-    centre = torch.tensor([(int(s) - 1) / 2 for s in shape], dtype=dtype, device=device)
-    h = max(max((int(s) - 1) / 2 for s in shape), 1.0)
-    return pts, centre, h
-
-
-def affine_displacement(params: Tensor, shape: Sequence[int]) -> Tensor:
-    """Dense displacement ``(N, D, *shape)`` (voxel units) of affines given by ``params``.
+def affine_matrix(params: Tensor, shape: Sequence[int]) -> Tensor:
+    """Index-space homogeneous matrices ``(N, D+1, D+1)`` of the global network's affines.
 
     ``params (N, D (D+1))`` are :class:`~learnreg.spatial.linear.Affine` parameters
     (``[L | t] − [I | 0]``, row-major; zeros = identity) of the affine acting on the
-    normalized coordinates ``q = (x − c) / h`` (``c`` the grid centre, ``h`` half the largest
-    extent in voxels): ``A(x) = c + h (L q + t)``; the displacement is ``A(x) − x``.
-    2D (6 parameters) or 3D (12).
+    normalized coordinates ``q = (x − c) / h`` of a grid of ``shape`` (``c`` its centre, ``h``
+    half its largest extent in voxels): ``A(x) = c + h (L q + t) = c + L (x − c) + h t``.
+    2D (6 parameters) or 3D (12). Differentiable.
     """
     d = len(shape)
     if d not in (2, 3) or params.dim() != 2 or params.shape[1] != d * (d + 1):
         raise ValueError(
-            f"affine_displacement: params must be (N, {d * (d + 1)}) for a {d}D grid of shape "
+            f"affine_matrix: params must be (N, {d * (d + 1)}) for a {d}D grid of shape "
             f"{tuple(shape)} (2D or 3D); got {tuple(params.shape)}"
         )
-    pts, centre, h = _grid_frame(shape, params.dtype, params.device)
-    q = ((pts - centre) / h).unsqueeze(0).expand(params.shape[0], -1, -1)
-    mapped = Affine.from_params(params)(q)  # (N, P, D)
-    u = (mapped - q) * h
-    return u.transpose(1, 2).reshape(params.shape[0], d, *[int(s) for s in shape])
+    centre = Grid(tuple(int(s) for s in shape)).index_center
+    h = max(max(centre), 1.0)
+    m = params.view(-1, d, d + 1)
+    scaled = torch.cat([m[..., :d], m[..., d:] * h], -1).reshape(params.shape)
+    return Affine.from_params(scaled, center=centre).homogeneous()
 
 
 def label_masks(fixed_labels: Tensor, moving_labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -158,7 +155,8 @@ class HuGlobalLocal(RegistrationMethod):
         reg_weight: weight of the regularizer of the local displacement.
         regularizer: ``"bending"`` (the paper's) or ``"diffusion"``.
 
-    Extras: ``"affine_params"`` and ``"affine_displacement"`` (global stages),
+    Extras: ``"affine_params"``, ``"affine_matrix"`` (index space, :func:`affine_matrix`) and
+    ``"affine_displacement"`` (global stages),
     ``"local_displacement"`` (local stages), ``"warped_affine"`` (composite: the moving image
     after the affine alone).
     """
@@ -178,9 +176,9 @@ class HuGlobalLocal(RegistrationMethod):
         regularizer: str = "bending",
     ) -> None:
         super().__init__()
-        _check_choice("ndim", ndim, (2, 3))
-        _check_choice("stage", stage, STAGES)
-        _check_choice("regularizer", regularizer, REGULARIZERS)
+        check_option("ndim", ndim, (2, 3))
+        check_option("stage", stage, STAGES)
+        check_option("regularizer", regularizer, REGULARIZERS)
         if reg_weight < 0:
             raise ValueError(f"reg_weight must be >= 0, got {reg_weight}")
         if not scales or any(float(s) < 0 for s in scales):
@@ -220,7 +218,24 @@ class HuGlobalLocal(RegistrationMethod):
             self.unet = UNet(ndim, 2, enc_features, dec_features, coord_conv=coord_conv)
             self.flow = FlowHead(ndim, self.unet.out_channels)
 
-    def check_pair(self, fixed: Tensor, moving: Tensor) -> None:
+    @property
+    def input_shape(self) -> tuple[int, ...] | None:
+        return self.shape
+
+    @property
+    def size_multiple(self) -> int:
+        return 1 if self.unet is None else self.unet.size_multiple
+
+    def initial_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Start a composite model from a global-stage (or local-stage) checkpoint, the
+        paper's recipe: its networks take the checkpoint's weights, the other network keeps
+        its fresh initialization. Other checkpoints are used as they are."""
+        mine = self.state_dict()
+        if self.stage == "composite" and state and set(state) < set(mine):
+            return {**mine, **state}
+        return state
+
+    def check_pair(self, fixed: Tensor, moving: Tensor, grid: Grid | None = None) -> None:
         if fixed.dim() != self.ndim + 2 or fixed.shape != moving.shape or fixed.shape[1] != 1:
             raise ValueError(
                 f"{self.name}: fixed and moving must both be (N, 1, *S) with {self.ndim} "
@@ -231,34 +246,33 @@ class HuGlobalLocal(RegistrationMethod):
                 f"{self.name}: built for the network grid {self.shape}, got images of size "
                 f"{tuple(fixed.shape[2:])}"
             )
+        if grid is not None and grid.shape != tuple(fixed.shape[2:]):
+            raise ValueError(
+                f"{self.name}: images {tuple(fixed.shape[2:])} are not on the grid {grid}"
+            )
 
-    def forward(self, fixed: Tensor, moving: Tensor) -> MethodOutput:
-        self.check_pair(fixed, moving)
-        shape = tuple(fixed.shape[2:])
+    def forward(self, fixed: Tensor, moving: Tensor, grid: Grid | None = None) -> MethodOutput:
+        self.check_pair(fixed, moving, grid)
+        grid = unit_grid(fixed) if grid is None else grid
         extras: dict = {}
-        params = affine_u = None
+        parts: list[SpatialTransform] = []
         if self.global_net is not None:
             params = self.global_net(fixed, moving)
-            affine_u = affine_displacement(params, shape)
-            extras["affine_params"], extras["affine_displacement"] = params, affine_u
-        if self.unet is None:
-            assert affine_u is not None
-            displacement = affine_u
-        else:
+            matrix = affine_matrix(params, grid.shape)
+            affine = AffineTransform(index_matrix_to_world(matrix, grid))
+            extras["affine_params"], extras["affine_matrix"] = params, matrix
+            extras["affine_displacement"] = affine.voxel_displacement(grid)
+            parts.append(affine)
+        if self.unet is not None:
             assert self.flow is not None
-            local_in = moving if affine_u is None else warp(moving, affine_u)
+            local_in = warp(moving, extras["affine_displacement"]) if parts else moving
             local = self.flow(self.unet(torch.cat([local_in, fixed], 1)))
             extras["local_displacement"] = local
-            if affine_u is None:
-                displacement = local
-            else:
+            if parts:
                 extras["warped_affine"] = local_in
-                d = self.ndim
-                lin = params.view(-1, d, d + 1)[..., :d] + torch.eye(
-                    d, dtype=params.dtype, device=params.device
-                )
-                displacement = affine_u + torch.einsum("nij,nj...->ni...", lin, local)
-        return MethodOutput(displacement, warp(moving, displacement), None, extras)
+            parts.insert(0, DisplacementField(grid, local))  # φ(x) = A(x + u_L(x))
+        transform = parts[0] if len(parts) == 1 else TransformChain(parts)
+        return MethodOutput(transform, grid, moving, extras)
 
     def label_loss(self, fixed_masks: Tensor, warped_masks: Tensor, valid: Tensor) -> Tensor:
         """Multi-scale Dice loss per channel, averaged over ``valid`` channels ``(N, L)`` of

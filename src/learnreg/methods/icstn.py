@@ -16,8 +16,10 @@ acts first, on the fixed grid: ``moving ∘ T_k ∘ ΔT_k ≈ fixed``). Supervis
 affine perturbations of real images (:class:`learnreg.data.random_warps.RandomWarpPairs`,
 ``kind="affine"``); loss: Rocco et al.'s transformed-grid loss on the final parameters
 (:class:`learnreg.methods.geometric_matching.GlobalTransformModel`), ``grid_error`` in voxels.
-``extras``: ``"params"`` (final), ``"matrix"``, ``"step_params"`` ``(N, K, P)`` (after each
-step).
+The recurrence runs in index coordinates of the network grid; :meth:`ICSTN.forward` returns
+the composed affine as a world :class:`~learnreg.spatial.affine.AffineTransform`
+(``index_matrix_to_world``; saved as an ITK ``.mat``). ``extras``: ``"params"`` (final),
+``"matrix"`` (index coordinates), ``"step_params"`` ``(N, K, P)`` (after each step).
 
 Scaled down for CPUs (documented, configurable): Lin & Lucey's GTSRB predictor is two conv
 layers (7×7) and fully connected layers on 36×36 images with K = 4; here a VGG-style
@@ -33,8 +35,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from learnreg.methods.base import MethodOutput, RegistrationBatch, RegistrationMethod
-from learnreg.methods.dlir import affine_displacement
+from learnreg.core.grid import Grid
+from learnreg.core.options import check_option
+from learnreg.methods.base import MethodOutput, RegistrationBatch, RegistrationMethod, unit_grid
 from learnreg.methods.geometric_matching import (
     GlobalTransformModel,
     affine_matrix,
@@ -42,6 +45,8 @@ from learnreg.methods.geometric_matching import (
 )
 from learnreg.methods.registry import register_method
 from learnreg.nn.regression import ParameterRegressor
+from learnreg.spatial.affine import AffineTransform
+from learnreg.spatial.frame import index_matrix_to_world
 from learnreg.spatial.sampling import warp
 
 __all__ = ["ICSTN"]
@@ -90,8 +95,7 @@ class ICSTN(RegistrationMethod):
         translation_scale: float | None = None,
     ) -> None:
         super().__init__()
-        if ndim not in (2, 3):
-            raise ValueError(f"ndim must be 2 or 3, got {ndim!r}")
+        check_option("ndim", ndim, (2, 3))
         if int(steps) < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         shape = {2: (64, 64), 3: (40, 48, 40)}[ndim] if shape is None else shape
@@ -117,6 +121,10 @@ class ICSTN(RegistrationMethod):
         head = {"hidden": tuple(hidden), "dropout": dropout, "init_std": 1e-3}
         self.net = ParameterRegressor(ndim, self.shape, self.model.num_params, enc, head)
 
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.shape
+
     def check_pair(self, fixed: Tensor, moving: Tensor) -> None:
         want = (1, *self.shape)
         if fixed.shape != moving.shape or fixed.dim() != self.ndim + 2 or fixed.shape[1:] != want:
@@ -129,22 +137,28 @@ class ICSTN(RegistrationMethod):
         """One predictor step: the affine update ``Δp`` ``(N, D(D+1))`` for a warped pair."""
         return self.net(fixed, warped) * self.unit.to(fixed.dtype)
 
-    def forward(self, fixed: Tensor, moving: Tensor) -> MethodOutput:
+    def forward(self, fixed: Tensor, moving: Tensor, grid: Grid | None = None) -> MethodOutput:
         self.check_pair(fixed, moving)
+        grid = unit_grid(fixed) if grid is None else grid
+        index = Grid(self.shape)  # the recurrence works on index points of the network grid
         n, d = fixed.shape[0], self.ndim
         matrix = torch.eye(d + 1, dtype=fixed.dtype, device=fixed.device).expand(n, d + 1, d + 1)
         history = []
         for k in range(self.steps):
             # always warp the ORIGINAL moving image by the current parameters
-            warped = moving if k == 0 else warp(moving, affine_displacement(matrix, self.shape))
+            if k == 0:
+                warped = moving
+            else:
+                warped = warp(moving, AffineTransform(matrix).voxel_displacement(index))
             delta = affine_matrix(self.update(fixed, warped), self.shape)
             matrix = matrix @ delta  # T ∘ ΔT: the update acts first, on the fixed grid
             history.append(matrix_to_affine_params(matrix, self.shape))
-        disp = affine_displacement(matrix, self.shape)
+        transform = AffineTransform(index_matrix_to_world(matrix, grid))
         extras = {"params": history[-1], "matrix": matrix, "step_params": torch.stack(history, 1)}
-        return MethodOutput(disp, warp(moving, disp), extras=extras)
+        return MethodOutput(transform, grid, moving, extras)
 
-    def loss(self, batch: RegistrationBatch, output: MethodOutput) -> dict[str, Tensor]:
+    def target(self, batch: RegistrationBatch) -> Tensor:
+        """``batch.target`` as ``(N, D(D+1))`` affine parameters (raises if absent/bad)."""
         if batch.target is None:
             raise ValueError(
                 f"{self.name}: supervised; the batch needs target = the (N, "
@@ -156,8 +170,15 @@ class ICSTN(RegistrationMethod):
                 f"{self.name}: target has {batch.target.shape[0]} items, the batch "
                 f"{batch.fixed.shape[0]}"
             )
-        target = self.model.check_params(batch.target, "target").to(batch.fixed.dtype)
+        return self.model.check_params(batch.target, "target").to(batch.fixed.dtype)
+
+    def loss(self, batch: RegistrationBatch, output: MethodOutput) -> dict[str, Tensor]:
+        target = self.target(batch)
         terms = self.model.grid_loss(output.extras["params"], target)
         with torch.no_grad():
             first = self.model.grid_loss(output.extras["step_params"][:, 0], target)
         return {"total": terms["grid_loss"], **terms, "grid_error_step0": first["grid_error"]}
+
+    def transform_error(self, batch: RegistrationBatch, output: MethodOutput) -> Tensor:
+        """Grid error per pair ``(N,)`` of the final affine, voxels of the network grid."""
+        return self.model.grid_errors(output.extras["params"], self.target(batch))

@@ -18,7 +18,11 @@ Parameters follow :class:`learnreg.spatial.linear.Rigid` in voxel index coordina
 network grid about its centre ``(S − 1) / 2`` (:mod:`learnreg.data.perturb`): ``[ω, t]``,
 radians and voxels, fixed → moving. The network predicts them normalized — rotations in units
 of ``rotation_scale`` degrees, translations in units of ``translation_scale`` voxels — and the
-MSE is taken on the normalized values so that both kinds weigh alike.
+MSE is taken on the normalized values so that both kinds weigh alike. The method's transform
+is that rigid map in world space, ``G M G⁻¹`` (``G`` the network grid's index-to-world
+matrix), an :class:`~learnreg.spatial.AffineTransform` written as an ITK matrix; on an
+isotropic network grid it is a rigid map of world points. Validation error
+(:meth:`RigidRegression.transform_error`): mean lattice-point distance in voxels.
 
 Scaled down for CPUs (documented, configurable): a 3D siamese tower of four stride-2 conv
 layers (8, 16, 32, 32 channels) plus one merged stride-2 layer (64) and one hidden fully
@@ -34,22 +38,20 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from learnreg.core.grid import Grid
+from learnreg.core.options import check_option
 from learnreg.losses import functional as LF
-from learnreg.methods.base import MethodOutput, RegistrationBatch, RegistrationMethod
-from learnreg.methods.dlir import affine_displacement
+from learnreg.methods.base import MethodOutput, RegistrationBatch, RegistrationMethod, unit_grid
 from learnreg.methods.registry import register_method
 from learnreg.nn.regression import ParameterRegressor
+from learnreg.spatial.affine import AffineTransform
+from learnreg.spatial.frame import index_matrix_to_world
 from learnreg.spatial.linear import Rigid, rotation_matrix
-from learnreg.spatial.sampling import warp
 
 __all__ = ["MODES", "RigidRegression", "rigid_matrix", "invert_rigid", "rigid_errors"]
 
 MODES = ("siamese", "two-channel")
 _DEFAULT_SHAPE = {2: (64, 64), 3: (40, 48, 40)}
-
-
-def _center(shape: Sequence[int], like: Tensor) -> Tensor:
-    return torch.tensor([(s - 1) / 2 for s in shape], dtype=like.dtype, device=like.device)
 
 
 def rigid_matrix(params: Tensor, shape: Sequence[int]) -> Tensor:
@@ -61,7 +63,7 @@ def rigid_matrix(params: Tensor, shape: Sequence[int]) -> Tensor:
             f"rigid parameters for a {d}D grid must be (N, {Rigid.num_params(d)}); "
             f"got {tuple(params.shape)}"
         )
-    return Rigid.from_params(params, center=_center(shape, params)).homogeneous()
+    return Rigid.from_params(params, center=Grid(tuple(shape)).index_center).homogeneous()
 
 
 def invert_rigid(params: Tensor) -> Tensor:
@@ -92,6 +94,12 @@ def rigid_errors(pred: Tensor, target: Tensor) -> dict[str, Tensor]:
         "rotation": torch.rad2deg(torch.arccos(cos)).to(pred.dtype),
         "translation": (pred[:, r:] - target[:, r:]).norm(dim=1),
     }
+
+
+def _map(matrix: Tensor, points: Tensor) -> Tensor:
+    """Points ``(K, D)`` mapped by homogeneous matrices ``(N, D+1, D+1)``: ``(N, K, D)``."""
+    d = points.shape[-1]
+    return points @ matrix[:, :d, :d].transpose(1, 2) + matrix[:, None, :d, d]
 
 
 @register_method(
@@ -142,10 +150,8 @@ class RigidRegression(RegistrationMethod):
         consistency_weight: float = 0.1,
     ) -> None:
         super().__init__()
-        if ndim not in (2, 3):
-            raise ValueError(f"ndim must be 2 or 3, got {ndim!r}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        check_option("ndim", ndim, (2, 3))
+        check_option("mode", mode, MODES)
         for name, v in (
             ("rotation_scale", rotation_scale),
             ("translation_scale", translation_scale),
@@ -190,6 +196,10 @@ class RigidRegression(RegistrationMethod):
         s = [rot] * self.nrot + [self.translation_scale] * self.ndim
         return torch.tensor(s, dtype=like.dtype, device=like.device)
 
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.shape
+
     def check_pair(self, fixed: Tensor, moving: Tensor) -> None:
         if fixed.dim() != self.ndim + 2 or fixed.shape != moving.shape or fixed.shape[1] != 1:
             raise ValueError(
@@ -207,23 +217,23 @@ class RigidRegression(RegistrationMethod):
         self.check_pair(fixed, moving)
         return self.regressor(fixed, moving) * self.scales(fixed)
 
-    def forward(self, fixed: Tensor, moving: Tensor) -> MethodOutput:
+    def forward(self, fixed: Tensor, moving: Tensor, grid: Grid | None = None) -> MethodOutput:
         params = self.predict_params(fixed, moving)
+        grid = unit_grid(fixed) if grid is None else grid
+        if grid.shape != self.shape:
+            raise ValueError(f"rigid-regression: the images are not on the grid {grid}")
         matrix = rigid_matrix(params, self.shape)
-        u = affine_displacement(matrix, self.shape)
         extras = {"params": params, "matrix": matrix}
         if self.training and self.bidirectional:
             extras["params_backward"] = self.predict_params(moving, fixed)
-        return MethodOutput(u, warp(moving, u), None, extras)
+        transform = AffineTransform(index_matrix_to_world(matrix, grid))
+        return MethodOutput(transform, grid, moving, extras)
 
     def _corner_residual(self, forward: Tensor, backward: Tensor) -> Tensor:
         """``T_f(T_b(c)) − c`` ``(N, 2**D, D)`` (voxels) at the grid corners ``c``."""
         m = rigid_matrix(forward, self.shape) @ rigid_matrix(backward, self.shape)
-        d = self.ndim
-        corners = torch.cartesian_prod(
-            *[torch.tensor([0.0, s - 1.0], dtype=m.dtype, device=m.device) for s in self.shape]
-        ).reshape(-1, d)
-        return corners @ m[:, :d, :d].transpose(1, 2) + m[:, None, :d, d] - corners
+        corners = Grid(self.shape).index_lattice(2, m.dtype, m.device)
+        return _map(m, corners) - corners
 
     def inverse_consistency_error(self, fixed: Tensor, moving: Tensor) -> Tensor:
         """Mean distance (voxels) of the grid corners from their image under
@@ -237,22 +247,34 @@ class RigidRegression(RegistrationMethod):
             self.train(was)
         return self._corner_residual(f, b).norm(dim=-1).mean(-1)
 
-    def loss(self, batch: RegistrationBatch, output: MethodOutput) -> dict[str, Tensor]:
-        """``mse`` of normalized parameters (forward, and ``mse_backward`` against the inverse
-        when bidirectional), ``consistency``; errors ``rotation_error`` (degrees) and
-        ``translation_error`` (voxels) for monitoring."""
+    def transform_error(self, batch: RegistrationBatch, output: MethodOutput) -> Tensor:
+        """Mean distance (voxels) between the points of a 5 × 5 (× 5) lattice spanning the
+        grid mapped by the predicted and by the true rigid transform, per pair ``(N,)``."""
+        pred = output.extras["matrix"]
+        true = rigid_matrix(self._target(batch, pred), self.shape)
+        lattice = Grid(self.shape).index_lattice(5, pred.dtype, pred.device)
+        return (_map(pred, lattice) - _map(true, lattice)).norm(dim=-1).mean(-1)
+
+    def _target(self, batch: RegistrationBatch, pred: Tensor) -> Tensor:
         if batch.target is None:
             raise ValueError(
                 "rigid-regression is supervised: the batch needs `target`, the rigid parameters "
                 "(N, P) of the known fixed→moving transform (see learnreg.data.perturb)"
             )
-        pred = output.extras["params"]
         target = batch.target.to(pred.dtype)
-        if target.shape != pred.shape:
+        if target.shape != (pred.shape[0], Rigid.num_params(self.ndim)):
             raise ValueError(
-                f"rigid-regression: target must be (N, {pred.shape[1]}) rigid parameters, got "
-                f"{tuple(target.shape)}"
+                f"rigid-regression: target must be (N, {Rigid.num_params(self.ndim)}) rigid "
+                f"parameters, got {tuple(target.shape)}"
             )
+        return target
+
+    def loss(self, batch: RegistrationBatch, output: MethodOutput) -> dict[str, Tensor]:
+        """``mse`` of normalized parameters (forward, and ``mse_backward`` against the inverse
+        when bidirectional), ``consistency``; errors ``rotation_error`` (degrees) and
+        ``translation_error`` (voxels) for monitoring."""
+        pred = output.extras["params"]
+        target = self._target(batch, pred)
         scale = self.scales(pred)
         out = {"mse": LF.parameter_mse(pred / scale, target / scale)}
         total = out["mse"]

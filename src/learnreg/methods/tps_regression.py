@@ -9,12 +9,16 @@ supervised, on synthetic deformations of real volumes (random control-point disp
 error as loss: the mean squared error between predicted and true control-point displacements
 (``loss="control"``, default) or of the dense displacement fields (``loss="dense"``).
 
-Conventions: control points :func:`control_points` — ``grid_size`` per axis, from the first
-to the last voxel centre of the network grid, index coordinates — and their displacements
-``δ`` ``(N, K, D)`` in voxels, fixed → moving: ``T(p_k) = p_k + δ_k``; the dense displacement is
-the TPS interpolation :func:`tps_basis` ``@ δ`` (the thin-plate spline is linear in the values
-it interpolates, so one fixed matrix maps ``δ`` to the field; it reproduces
-:class:`learnreg.spatial.tps.ThinPlateSpline` exactly). ``extras["control"]`` is ``δ``.
+Conventions: control points ``Grid(shape).index_lattice(grid_size)`` — ``grid_size`` per
+axis, from the first to the last voxel centre of the network grid, index coordinates — and
+their displacements ``δ`` ``(N, K, D)`` in voxels, fixed → moving: ``T(p_k) = p_k + δ_k``. The
+transform :meth:`TPSRegression.forward` returns is that thin-plate spline
+(:class:`learnreg.spatial.tps.ThinPlateSpline` through ``p_k ↦ p_k + δ_k``) in the index frame
+of the network grid (:class:`~learnreg.spatial.frame.GridFrame`), so it maps any world point;
+its dense displacement on the network grid is the TPS interpolation :func:`tps_basis` ``@ δ``
+(the spline is linear in the values it interpolates, so one fixed matrix maps ``δ`` to the
+field — the same spline, computed fast: :class:`ControlGridSpline`). ``extras["control"]`` is
+``δ``.
 
 Network: a compact VGG-style two-channel encoder (:class:`learnreg.nn.regression.VGGEncoder`)
 whose features are average-pooled onto the control grid and convolved to the ``D``
@@ -33,21 +37,23 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from learnreg.core.grid import Grid
+from learnreg.core.options import check_option
 from learnreg.losses import functional as LF
-from learnreg.methods.base import MethodOutput, RegistrationBatch, RegistrationMethod
+from learnreg.methods.base import MethodOutput, RegistrationBatch, RegistrationMethod, unit_grid
 from learnreg.methods.registry import register_method
 from learnreg.nn.blocks import conv_nd
 from learnreg.nn.regression import ParameterRegressor, VGGEncoder
-from learnreg.spatial.sampling import warp
-from learnreg.spatial.tps import tps_kernel
+from learnreg.spatial.frame import GridFrame
+from learnreg.spatial.tps import ThinPlateSpline, tps_kernel
 
 __all__ = [
-    "control_points",
     "tps_inverse",
     "tps_design",
     "tps_basis",
     "control_point_error",
     "TPSGrid",
+    "ControlGridSpline",
     "TPSRegression",
 ]
 
@@ -68,24 +74,6 @@ def _grid_size(grid_size: int | Sequence[int], ndim: int) -> tuple[int, ...]:
     if len(g) != ndim or any(v < 2 for v in g):
         raise ValueError(f"grid_size must be an int or {ndim} ints >= 2, got {grid_size!r}")
     return g
-
-
-def control_points(
-    shape: Sequence[int],
-    grid_size: int | Sequence[int],
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str | None = None,
-) -> Tensor:
-    """Regular control grid ``(K, D)`` in index coordinates: ``grid_size`` points per axis
-    from 0 to ``S − 1``, last axis fastest — the same as
-    :func:`learnreg.data.random_warps.control_points` (repeated so that ``methods`` does not
-    depend on ``data``)."""
-    s = _shape(shape)
-    g = _grid_size(grid_size, len(s))
-    axes = [
-        torch.linspace(0, n - 1, k, dtype=dtype, device=device) for n, k in zip(s, g, strict=True)
-    ]
-    return torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(s))
 
 
 def tps_inverse(control: Tensor) -> Tensor:
@@ -148,6 +136,7 @@ def control_point_error(predicted: Tensor, target: Tensor) -> Tensor:
 class TPSGrid(torch.nn.Module):
     """Dense fields and point maps of TPS control-grid displacements on a fixed grid.
 
+    Control points: ``Grid(shape).index_lattice(grid_size)`` (:attr:`control`, ``(K, D)``).
     The design matrix of the grid's voxels (:func:`tps_design`, ``(prod(S), K + D + 1)``,
     float32) is computed once; a dense field is then two small matrix products.
     """
@@ -157,17 +146,27 @@ class TPSGrid(torch.nn.Module):
         self.shape = _shape(shape)
         self.ndim = len(self.shape)
         self.grid_size = _grid_size(grid_size, self.ndim)
-        cp = control_points(self.shape, self.grid_size, torch.float64)
+        grid = Grid(self.shape)
+        cp = grid.index_lattice(self.grid_size, torch.float64)
         self.num_points = cp.shape[0]
         self.register_buffer("control", cp.float(), persistent=False)
         self.register_buffer("inverse", tps_inverse(cp).float(), persistent=False)
-        axes = [torch.arange(s, dtype=torch.float64) for s in self.shape]
-        pts = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, self.ndim)
+        pts = grid.index_points(torch.float64).reshape(-1, self.ndim)
         self.register_buffer("design", tps_design(cp, pts).float(), persistent=False)
 
+    def check(self, delta: Tensor, what: str = "control displacements") -> Tensor:
+        """``delta`` as ``(N, K, D)`` (raises ValueError if it is not)."""
+        k, d = self.num_points, self.ndim
+        if delta.dim() != 3 or tuple(delta.shape[1:]) != (k, d):
+            raise ValueError(
+                f"{what} must be (N, {k}, {d}) for a {'×'.join(map(str, self.grid_size))} "
+                f"control grid; got {tuple(delta.shape)}"
+            )
+        return delta
+
     def dense(self, delta: Tensor) -> Tensor:
-        """Dense displacement ``(N, D, *S)`` of control displacements ``(N, K, D)``."""
-        n = delta.shape[0]
+        """Dense displacement ``(N, D, *S)`` (voxels) of control displacements ``(N, K, D)``."""
+        n = self.check(delta).shape[0]
         v = delta.transpose(0, 1).reshape(self.num_points, n * self.ndim)  # (K, N·D)
         u = self.design.to(delta.dtype) @ (self.inverse.to(delta.dtype) @ v)  # (P, N·D)
         return u.reshape(*self.shape, n, self.ndim).movedim(-2, 0).movedim(-1, 1).contiguous()
@@ -175,6 +174,44 @@ class TPSGrid(torch.nn.Module):
     def basis(self, points: Tensor) -> Tensor:
         """:func:`tps_basis` of this control grid at ``points`` ``(P, D)``."""
         return tps_basis(self.control, points).to(points.dtype)
+
+    def spline(self, delta: Tensor) -> ControlGridSpline:
+        """The thin-plate spline of index points through ``p_k ↦ p_k + δ_k``."""
+        return ControlGridSpline(self, delta)
+
+    def transform(self, delta: Tensor, grid: Grid | None = None) -> GridFrame:
+        """The spline of ``delta`` on the world points of ``grid`` (a network grid of
+        :attr:`shape`; default the unit grid): ``x ↦ G(T(G⁻¹ x))``."""
+        grid = Grid(self.shape) if grid is None else grid
+        if tuple(grid.shape) != self.shape:
+            raise ValueError(f"TPSGrid: a {self.shape} control grid on a {grid.shape} grid")
+        return GridFrame(self.spline(delta), grid)
+
+
+class ControlGridSpline(ThinPlateSpline):
+    """:class:`~learnreg.spatial.tps.ThinPlateSpline` through the control grid of a
+    :class:`TPSGrid` displaced by ``delta`` ``(N, K, D)``, of index points of that grid.
+
+    Points map exactly as ``ThinPlateSpline`` maps them; the displacement on the unit grid of
+    the control grid's shape is the same spline through the precomputed design matrix
+    (:meth:`TPSGrid.dense`, differentiable and far cheaper than evaluating the kernel)."""
+
+    def __init__(self, tps: TPSGrid, delta: Tensor) -> None:
+        delta = tps.check(delta)
+        cp = tps.control.to(delta.dtype)
+        super().__init__(cp, cp[None] + delta)
+        self.delta = delta
+        object.__setattr__(self, "_tps", tps)  # not a submodule: its buffers are no batch
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.delta.shape[0])
+
+    def voxel_displacement(self, grid: Grid, batch: int | None = None) -> Tensor:
+        tps: TPSGrid = self._tps
+        if grid.allclose(Grid(tps.shape)) and batch in (None, self.batch_size):
+            return tps.dense(self.delta)
+        return super().voxel_displacement(grid, batch)
 
 
 @register_method(
@@ -226,12 +263,9 @@ class TPSRegression(RegistrationMethod):
         loss: str = "control",
     ) -> None:
         super().__init__()
-        if ndim not in (2, 3):
-            raise ValueError(f"ndim must be 2 or 3, got {ndim!r}")
-        if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-        if head not in HEADS:
-            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        check_option("ndim", ndim, (2, 3))
+        check_option("loss", loss, LOSSES)
+        check_option("head", head, HEADS)
         if not displacement_scale > 0:
             raise ValueError(f"displacement_scale must be > 0, got {displacement_scale}")
         shape = {2: (64, 64), 3: (40, 48, 40)}[ndim] if shape is None else shape
@@ -254,7 +288,11 @@ class TPSRegression(RegistrationMethod):
         else:
             self.net = _ConvControlHead(ndim, self.tps.grid_size, enc)
 
-    def _check(self, fixed: Tensor, moving: Tensor) -> None:
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.shape
+
+    def check_pair(self, fixed: Tensor, moving: Tensor) -> None:
         want = (1, *self.shape)
         if fixed.shape != moving.shape or fixed.dim() != self.ndim + 2 or fixed.shape[1:] != want:
             raise ValueError(
@@ -264,15 +302,15 @@ class TPSRegression(RegistrationMethod):
 
     def predict_control(self, fixed: Tensor, moving: Tensor) -> Tensor:
         """Control-point displacements ``(N, K, D)`` in voxels."""
-        self._check(fixed, moving)
+        self.check_pair(fixed, moving)
         n = fixed.shape[0]
         raw = self.net(fixed, moving).reshape(n, self.tps.num_points, self.ndim)
         return raw * self.displacement_scale
 
-    def forward(self, fixed: Tensor, moving: Tensor) -> MethodOutput:
+    def forward(self, fixed: Tensor, moving: Tensor, grid: Grid | None = None) -> MethodOutput:
+        grid = unit_grid(fixed) if grid is None else grid
         delta = self.predict_control(fixed, moving)
-        disp = self.tps.dense(delta)
-        return MethodOutput(disp, warp(moving, disp), extras={"control": delta})
+        return MethodOutput(self.tps.transform(delta, grid), grid, moving, {"control": delta})
 
     def target(self, batch: RegistrationBatch) -> Tensor:
         """``batch.target`` as ``(N, K, D)`` control displacements (raises if absent/bad)."""
@@ -300,6 +338,10 @@ class TPSRegression(RegistrationMethod):
         with torch.no_grad():
             err = control_point_error(pred, target).mean()
         return {"total": mse, "mse": mse, "control_point_error": err}
+
+    def transform_error(self, batch: RegistrationBatch, output: MethodOutput) -> Tensor:
+        """Mean control-point distance per pair ``(N,)``, voxels of the network grid."""
+        return control_point_error(output.extras["control"], self.target(batch))
 
 
 class _ConvControlHead(torch.nn.Module):

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from learnreg.core.options import check_option
+
 __all__ = ["NORMS", "conv_nd", "ConvBlock", "AddCoords", "CoordConv", "FlowHead"]
 
 NORMS = (None, "batch", "instance", "group")
@@ -29,8 +31,7 @@ def conv_nd(ndim: int) -> type[nn.Conv2d] | type[nn.Conv3d]:
 
 
 def _norm(kind: str | None, ndim: int, channels: int) -> nn.Module:
-    if kind not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
+    check_option("norm", kind, NORMS)
     if kind is None:
         return nn.Identity()
     if kind == "batch":

@@ -27,10 +27,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from learnreg.core.options import check_option
 from learnreg.nn.blocks import ConvBlock, CoordConv
 
 __all__ = [
     "POOLINGS",
+    "HEAD_NORMS",
     "PAIR_MODES",
     "VGGEncoder",
     "PairEncoder",
@@ -39,12 +41,8 @@ __all__ = [
 ]
 
 POOLINGS = ("max", "avg", "stride", None)
+HEAD_NORMS = (None, "batch")
 PAIR_MODES = ("two-channel", "siamese", "pseudo-siamese")
-
-
-def _check_choice(name: str, value: object, valid: Sequence[object]) -> None:
-    if value not in valid:
-        raise ValueError(f"{name} must be one of {tuple(valid)}, got {value!r}")
 
 
 def _positive_ints(name: str, values: Sequence[int], allow_empty: bool = False) -> list[int]:
@@ -85,7 +83,7 @@ class VGGEncoder(nn.Module):
         negative_slope: float = 0.0,
     ) -> None:
         super().__init__()
-        _check_choice("pooling", pooling, POOLINGS)
+        check_option("pooling", pooling, POOLINGS)
         if ndim not in (2, 3):
             raise ValueError(f"ndim must be 2 or 3, got {ndim!r}")
         if in_channels < 1:
@@ -176,7 +174,7 @@ class PairEncoder(nn.Module):
         negative_slope: float = 0.0,
     ) -> None:
         super().__init__()
-        _check_choice("mode", mode, PAIR_MODES)
+        check_option("mode", mode, PAIR_MODES)
         self.ndim, self.mode, self.in_channels = ndim, mode, int(in_channels)
         opts = {"pooling": pooling, "norm": norm, "negative_slope": negative_slope}
         if mode == "two-channel":
@@ -253,6 +251,9 @@ class RegressionHead(nn.Module):
             weights. Small or zero weights make the first prediction (almost) ``bias``.
         bias: initial bias of the last layer (``(out_features,)``; default zeros), e.g. the
             identity's parameters, so that the untrained network predicts the identity.
+        norm: None, or ``"batch"``: batch normalization of each hidden layer before its ReLU
+            (keeps hidden units alive while the near-zero last layer gives them only noise to
+            follow; see :class:`learnreg.methods.homography.HierarchicalHomographyNet`).
     """
 
     def __init__(
@@ -263,8 +264,10 @@ class RegressionHead(nn.Module):
         dropout: float = 0.5,
         init_std: float = 1e-3,
         bias: Tensor | Sequence[float] | None = None,
+        norm: str | None = None,
     ) -> None:
         super().__init__()
+        check_option("head norm", norm, HEAD_NORMS)
         if in_features < 1 or out_features < 1:
             raise ValueError(
                 f"RegressionHead: in_features and out_features must be positive, got "
@@ -276,12 +279,16 @@ class RegressionHead(nn.Module):
             raise ValueError(f"init_std must be >= 0, got {init_std}")
         widths = _positive_ints("hidden", hidden, allow_empty=True)
         self.in_features, self.out_features = int(in_features), int(out_features)
+        self.norm = norm
         layers: list[nn.Module] = [nn.Flatten()]
         prev = self.in_features
         for w in widths:
             if dropout:
                 layers.append(nn.Dropout(dropout))
-            layers += [nn.Linear(prev, w), nn.ReLU(inplace=True)]
+            layers.append(nn.Linear(prev, w, bias=norm is None))
+            if norm == "batch":
+                layers.append(nn.BatchNorm1d(w))
+            layers.append(nn.ReLU(inplace=True))
             prev = w
         if dropout and widths:
             layers.append(nn.Dropout(dropout))
@@ -306,6 +313,11 @@ class RegressionHead(nn.Module):
                 f"RegressionHead: expected {self.in_features} features per item, got "
                 f"{x[0].numel()} (input {tuple(x.shape)}); the encoder's input size must match "
                 f"the size the head was built for"
+            )
+        if self.norm == "batch" and self.training and x.shape[0] < 2:
+            raise ValueError(
+                "RegressionHead: batch normalization of the hidden layers needs batches of at "
+                "least 2 items in training (use batch_size >= 2, or no head norm)"
             )
         return self.out(self.hidden(x))
 
