@@ -15,14 +15,14 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from learnreg.api.registration import choose_model
 from learnreg.cli.main import app
-from learnreg.cli.register import choose_model
 from learnreg.core.errors import InputError
 from learnreg.core.grid import Grid
 from learnreg.core.image import Image
 from learnreg.data.preprocess import NetworkGrid, Preprocessor
-from learnreg.eval.metrics import jacobian_stats, mean_dice
 from learnreg.io.images import read_image, read_labels, write_image
+from learnreg.metrics import jacobian_stats, mean_dice
 from learnreg.spatial.sampling import resample
 from learnreg.train.checkpoint import save_checkpoint
 from learnreg.zoo.models import available_models, export_model, load_model
@@ -30,14 +30,6 @@ from learnreg.zoo.predict import predict
 
 TRAIN = ("S11", "S12", "S13", "S14", "S15", "S16")
 HELD_OUT = "S35"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from learnreg.api.outputs import write_outputs
 from learnreg.cli.progress import progress_display
-from learnreg.cli.register import write_outputs
 from learnreg.core.errors import InputError
 from learnreg.core.grid import Grid
 from learnreg.core.image import Image

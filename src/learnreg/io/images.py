@@ -39,6 +39,8 @@ __all__ = [
     "write_image",
     "from_sitk_image",
     "to_sitk_image",
+    "label_array",
+    "image_from_array",
     "atomic_write",
     "IMAGE_EXTENSIONS",
 ]
@@ -131,6 +133,27 @@ def _spatial_and_channels(
         grid = _grid_from_ras_affine(path, data.shape[1:3], a[np.ix_([0, 1, 3], [0, 1, 3])])
         return data[..., 0], grid
     return data, _grid_from_ras_affine(path, data.shape[1:], a)
+
+
+def image_from_array(
+    array: np.ndarray, affine: np.ndarray, name: str = "<array>", *, allow_channels: bool = False
+) -> Image:
+    """An array in nibabel layout (``(X, Y)``, ``(X, Y, Z)``, channels last) with its RAS+ mm
+    affine (4×4, as ``nibabel``'s ``img.affine``; 3×3 for a 2D image) as an :class:`Image`."""
+    arr = np.asarray(array)
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape == (3, 3):  # a 2D affine: embed it
+        a4 = np.eye(4)
+        a4[np.ix_([0, 1, 3], [0, 1, 3])] = a
+        a = a4
+    if a.shape != (4, 4) or not np.isfinite(a).all():
+        raise InputError(
+            f"{name}: affine must be a finite 4x4 (or 3x3 for 2D) matrix, got {a.shape}"
+        )
+    if arr.dtype.kind not in "biuf":
+        raise InputError(f"{name}: unsupported array data type {arr.dtype}")
+    data, grid = _spatial_and_channels(name, arr, a, allow_channels)
+    return Image(_to_torch(data, None), grid, name)
 
 
 def _to_torch(arr: np.ndarray, dtype: torch.dtype | None) -> torch.Tensor:
@@ -387,6 +410,12 @@ def read_labels(path: PathLike, *, name: str | None = None, allow_channels: bool
     :class:`InputError`.
     """
     data, grid, name = _read(path, name, allow_channels, labels=True, dtype=None)
+    return Image(_to_torch(label_array(path, data), None), grid, name)
+
+
+def label_array(path: PathLike, data: np.ndarray) -> np.ndarray:
+    """``data`` checked and cast as a label map (see :func:`read_labels`); ``path`` names it
+    in errors."""
     if data.dtype.kind == "f":
         if not np.isfinite(data).all():
             raise InputError(f"{path}: label map contains NaN or infinite values")
@@ -407,7 +436,7 @@ def read_labels(path: PathLike, *, name: str | None = None, allow_channels: bool
         raise InputError(f"{path}: label map has unsupported data type {data.dtype}")
     elif data.dtype == np.uint64 and data.size and data.max() > np.iinfo(np.int64).max:
         raise InputError(f"{path}: label values do not fit int64")
-    return Image(_to_torch(data, None), grid, name)
+    return data
 
 
 # ---------------------------------------------------------------------------- writing

@@ -28,7 +28,14 @@ from learnreg.core.grid import Grid
 from learnreg.io.transforms import read_affine, read_displacement, write_affine, write_displacement
 from learnreg.spatial.result import RegistrationResult
 
-__all__ = ["save_result", "load_result", "staged_output", "write_json"]
+__all__ = [
+    "save_result",
+    "load_result",
+    "staged_output",
+    "write_json",
+    "replay_commands",
+    "ants_apply_arguments",
+]
 
 FILES = {
     "affine": "affine.mat",
@@ -80,6 +87,7 @@ def save_result(result: RegistrationResult, folder: str | Path) -> dict[str, str
         files["inverse_warp"] = FILES["inverse_warp"]
     forward = [files[k] for k in ("warp", "affine") if k in files]
     inverse = [files[k] for k in ("affine_inverse", "inverse_warp") if k in files]
+    d = result.ndim
     manifest = {
         "learnreg_version": __version__,
         "convention": "points: fixed→moving, x_moving = affine(x + warp(x)); files in ITK/ANTs LPS",
@@ -88,10 +96,57 @@ def save_result(result: RegistrationResult, folder: str | Path) -> dict[str, str
         "files": files,
         "ants_forward_transforms": forward,
         "ants_inverse_transforms": inverse,
+        "replay": replay_commands(forward, inverse, d),
         "info": result.info,
     }
     write_json(folder / "result.json", manifest)
     return files
+
+
+def replay_commands(forward: list[str], inverse: list[str], ndim: int) -> dict[str, dict[str, str]]:
+    """The exact calls that replay a result folder's files in ANTs, ANTsPy and SimpleITK, in
+    both directions (``forward``: moving image onto the fixed grid; ``inverse``: fixed image
+    onto the moving grid). Every inverse file is already inverted, so nothing may be inverted
+    again: ANTsPy needs ``whichtoinvert`` all False explicitly (given a ``.mat`` followed by a
+    field, its default inverts the ``.mat``), SimpleITK reads each file as it is."""
+
+    def sitk(files: list[str]) -> str:
+        parts = [
+            f"sitk.DisplacementFieldTransform(sitk.ReadImage('{f}', sitk.sitkVectorFloat64))"
+            if f.endswith(".nii.gz")
+            else f"sitk.ReadTransform('{f}')"
+            for f in reversed(files)  # SimpleITK applies the last added first
+        ]
+        return f"sitk.CompositeTransform([{', '.join(parts)}])"
+
+    out = {}
+    for name, files, ref, inp in (
+        ("forward", forward, "fixed", "moving"),
+        ("inverse", inverse, "moving", "fixed"),
+    ):
+        ts = " ".join(f"-t {f}" for f in files)
+        out[name] = {
+            "antsApplyTransforms": f"antsApplyTransforms -d {ndim} -r {ref}.nii.gz "
+            f"-i {inp}.nii.gz {ts} -o out.nii.gz",
+            "ants.apply_transforms": f"ants.apply_transforms(fixed={ref}, moving={inp}, "
+            f"transformlist={files!r}, whichtoinvert={[False] * len(files)!r})",
+            "SimpleITK": f"sitk.Resample({inp}, {ref}, {sitk(files)}, sitk.sitkLinear, 0.0)",
+        }
+    return out
+
+
+def ants_apply_arguments(folder: str | Path, inverse: bool = False) -> dict[str, list]:
+    """``transformlist`` and ``whichtoinvert`` for ``ants.apply_transforms`` that replay the
+    result folder ``folder`` (``inverse``: fixed-space data onto the moving grid)."""
+    folder = Path(folder)
+    manifest_path = folder / "result.json"
+    try:
+        m = json.loads(manifest_path.read_text())
+        names = m["ants_inverse_transforms" if inverse else "ants_forward_transforms"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise InputError(f"{manifest_path}: unreadable result manifest ({e})") from None
+    files = [str((folder / n).resolve()) for n in names]
+    return {"transformlist": files, "whichtoinvert": [False] * len(files)}
 
 
 def load_result(folder: str | Path) -> RegistrationResult:

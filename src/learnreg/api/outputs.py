@@ -1,0 +1,83 @@
+"""The files of a registration: warped image, transforms, Jacobian map, QC figure, metrics."""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+import torch
+
+from learnreg.core.image import Image
+from learnreg.eval.figures import qc_figure
+from learnreg.io.images import write_image
+from learnreg.io.result import save_result, write_json
+from learnreg.losses import functional as L
+from learnreg.metrics import score_result
+from learnreg.spatial.result import RegistrationResult
+from learnreg.spatial.sampling import resample
+
+__all__ = ["write_outputs"]
+
+
+def write_outputs(
+    result: RegistrationResult,
+    fixed: Image,
+    moving: Image,
+    folder: Path,
+    fixed_labels: Image | None = None,
+    moving_labels: Image | None = None,
+    qc: bool = True,
+) -> dict:
+    """Write warped image, transforms, Jacobian map, QC figure and metrics into ``folder``.
+
+    ``metrics.json`` holds the time, peak memory, local NCC after the affine part and after
+    all, and, from :func:`learnreg.metrics.score_result` (the scores ``learnreg evaluate``
+    records too), the Jacobian statistics of the deformable part and the mean Dice of the
+    label-warped moving labels after the affine part and after all. ``qc=False`` skips
+    ``qc.png``."""
+    folder = Path(folder)
+    warped = result.warp(moving)
+    write_image(warped, folder / "warped.nii.gz")
+    save_result(result, folder)
+    jac = result.jacobian_determinant()
+    write_image(Image(jac[None], result.fixed_grid, "jacobian"), folder / "jacobian.nii.gz")
+    labels = fixed_labels is not None and moving_labels is not None
+    warped_labels = result.warp(moving_labels, mode="label") if labels else None
+    scores = score_result(
+        result,
+        fixed_labels=fixed_labels if labels else None,
+        moving_labels=moving_labels,
+        metrics=("seconds", "jacobian", "dice"),
+        warped_labels=warped_labels,
+    )
+    metrics: dict = {"seconds": scores["seconds"]}
+    metrics["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    moved_affine = resample(moving, fixed.grid, result.linear())
+    with torch.no_grad():
+        f = fixed.batch().float()
+        metrics["lncc_affine"] = -float(L.lncc(f, moved_affine.batch(), window=9))
+        metrics["lncc_final"] = -float(L.lncc(f, warped.batch(), window=9))
+    if scores["jacobian"] is not None:  # a deformable part
+        metrics["jacobian"] = scores["jacobian"]
+    if labels:
+        write_image(warped_labels, folder / "warped_labels.nii.gz")
+        affine_only = RegistrationResult(result.fixed_grid, result.moving_grid, result.affine)
+        metrics["dice_affine"] = score_result(
+            affine_only, fixed_labels=fixed_labels, moving_labels=moving_labels, metrics=("dice",)
+        )["dice_mean"]
+        metrics["dice"] = scores["dice_mean"]
+    if qc:
+        qc_figure(
+            fixed.data[0].numpy(),
+            resample(moving, fixed.grid).data[0].numpy(),
+            warped.data[0].numpy(),
+            folder / "qc.png",
+            displacement=None
+            if result.deformable is None
+            else result.deformable.voxel_field()[0].numpy(),
+            jacobian=jac.numpy() if result.deformable is not None else None,
+            title=f"{moving.name} → {fixed.name}",
+            grid=fixed.grid,
+        )
+    write_json(folder / "metrics.json", metrics)
+    return metrics
