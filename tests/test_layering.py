@@ -80,7 +80,8 @@ def imports(source: str, module: str, is_package: bool = False) -> list[tuple[in
             else:
                 found.append((node.lineno, target))
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
-            if _MODULE_NAME.fullmatch(node.value):
+            # a string naming a module of a learnreg package (not e.g. a file "learnreg.log")
+            if _MODULE_NAME.fullmatch(node.value) and node.value.split(".")[1] in LAYERS:
                 found.append((node.lineno, node.value))
     return [(line, name) for line, name in found if name.split(".")[0] == "learnreg"]
 
@@ -101,7 +102,9 @@ def upward_imports(package: Path = PACKAGE) -> list[str]:
         own = layer(mod)
         if own in ("__init__", "__main__") or own is None:
             continue
-        for line, target in imports(path.read_text(), mod, path.name == "__init__.py"):
+        for line, target in imports(
+            path.read_text(encoding="utf-8"), mod, path.name == "__init__.py"
+        ):
             tgt = layer(target)
             if tgt is None or tgt == own:
                 continue
@@ -130,19 +133,25 @@ def test_no_import_points_up_the_table():
 
 def test_init_and_main_stay_outside_the_table():
     init = PACKAGE / "__init__.py"
-    tree = ast.parse(init.read_text())
+    tree = ast.parse(init.read_text(encoding="utf-8"))
     top = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
     inner = [t for _, t in imports(ast.unparse(ast.Module(top, [])), "learnreg", True)]
     inner = [t for t in inner if layer(t) is not None]
     assert not inner, f"learnreg/__init__.py imports {inner}: everything would depend on them"
-    lazy = [t for _, t in imports(init.read_text(), "learnreg", True) if layer(t) is not None]
+    lazy = [
+        t
+        for _, t in imports(init.read_text(encoding="utf-8"), "learnreg", True)
+        if layer(t) is not None
+    ]
     assert set(lazy) <= {"learnreg.api"}, f"learnreg/__init__.py loads {lazy} (only api)"
     users = []
     for path in sorted(PACKAGE.rglob("*.py")):
         mod = module_name(path)
         users += [
             f"{mod}:{line}"
-            for line, t in imports(path.read_text(), mod, path.name == "__init__.py")
+            for line, t in imports(
+                path.read_text(encoding="utf-8"), mod, path.name == "__init__.py"
+            )
             if t == "learnreg.__main__"
         ]
     assert not users, f"learnreg.__main__ is imported by {users}"
@@ -153,8 +162,8 @@ def test_the_check_sees_every_kind_of_import(tmp_path):
     pkg = tmp_path / "learnreg"
     for sub in LAYERS:
         (pkg / sub).mkdir(parents=True)
-        (pkg / sub / "__init__.py").write_text("")
-    (pkg / "__init__.py").write_text("")
+        (pkg / sub / "__init__.py").write_text("", encoding="utf-8")
+    (pkg / "__init__.py").write_text("", encoding="utf-8")
     (pkg / "io" / "bad.py").write_text(
         "from __future__ import annotations\n"
         "from typing import TYPE_CHECKING\n"
@@ -185,7 +194,7 @@ def _architecture_layers(text: str) -> list[str]:
 
 @pytest.mark.skipif(not ARCHITECTURE.is_file(), reason="../shared/ARCHITECTURE.md not present")
 def test_architecture_md_agrees_with_the_layers():
-    listed = _architecture_layers(ARCHITECTURE.read_text())
+    listed = _architecture_layers(ARCHITECTURE.read_text(encoding="utf-8"))
     unknown = [p for p in listed if p not in LAYERS]
     assert not unknown, f"{ARCHITECTURE} lists packages the code does not have: {unknown}"
     assert listed == sorted(listed, key=LAYERS.index), (

@@ -168,7 +168,7 @@ def record_path(outdir: PathLike, method_name: str, pair: Pair) -> Path:
 
 def _load_cached(path: Path, method: str, pair: Pair) -> dict | None:
     try:
-        rec = json.loads(path.read_text())
+        rec = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
     ok = (
@@ -201,7 +201,7 @@ def _run_isolated(spec: str, pair: Pair, outdir: Path, qc: bool) -> dict:
             cmd.append("--no-qc")
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode == 0 and out.is_file():
-            return json.loads(out.read_text())
+            return json.loads(out.read_text(encoding="utf-8"))
     rec = empty_record(method_name, pair)
     tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
     how = (

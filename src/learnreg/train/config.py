@@ -190,7 +190,7 @@ class TrainConfig:
         """
         path = Path(path)
         try:
-            raw = yaml.safe_load(path.read_text())
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise InputError(f"{path}: config file not found") from None
         except (OSError, yaml.YAMLError) as e:

@@ -424,7 +424,7 @@ class Trainer:
         self._log_path = self.output / "log.csv"
         self._log_fields: list[str] | None = None
         if resumed and self._log_path.is_file():  # drop rows past the checkpoint
-            with open(self._log_path, newline="") as fh:
+            with open(self._log_path, newline="", encoding="utf-8") as fh:
                 rows = list(csv.DictReader(fh))
                 fields = list(rows[0].keys()) if rows else None
             rows = [r for r in rows if int(r["step"]) <= self.step]
@@ -435,7 +435,7 @@ class Trainer:
             self._log_path.unlink()
 
     def _write_rows(self, fields: list[str], rows: list[dict], mode: str) -> None:
-        with open(self._log_path, mode, newline="") as fh:
+        with open(self._log_path, mode, newline="", encoding="utf-8") as fh:
             w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
             if mode == "w":
                 w.writeheader()
@@ -450,7 +450,7 @@ class Trainer:
             self._log_fields = list(row)
             self._write_rows(self._log_fields, [row], "w")
         elif set(row) - set(self._log_fields):
-            with open(self._log_path, newline="") as fh:
+            with open(self._log_path, newline="", encoding="utf-8") as fh:
                 rows = list(csv.DictReader(fh))
             self._log_fields += [k for k in row if k not in self._log_fields]
             self._write_rows(self._log_fields, [*rows, row], "w")
@@ -535,7 +535,7 @@ class Trainer:
             (self.output / "checkpoints").mkdir(parents=True, exist_ok=True)
             text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
             tmp = self.output / ".config.yaml.tmp"
-            tmp.write_text(text)
+            tmp.write_text(text, encoding="utf-8")
             os.replace(tmp, self.output / "config.yaml")
             self._open_log(resumed)
         self._tb = self._open_tensorboard()
