@@ -42,7 +42,7 @@ def saved(data_root: Path, tmp_path_factory) -> tuple[learnreg.Registration, Pat
 
 
 def test_readme_python_example_runs(data_root: Path, tmp_path: Path, monkeypatch):
-    text = README.read_text()
+    text = README.read_text(encoding="utf-8")
     block = re.search(r"<!-- python-api-example[^\n]*\n```python\n(.*?)```", text, re.S)
     assert block, "README.md has no python-api-example block"
     code = block.group(1).replace("../shared/data", str(data_root))
@@ -166,7 +166,7 @@ def test_documented_replay_calls_reproduce_the_result(
     f, m = read_image(data_root / FIXED), read_image(data_root / MOVING)
     ours = reg.warp(f, inverse=True) if direction == "inverse" else reg.warped
     reference = (f if direction == "inverse" else m).data[0].numpy()
-    replay = json.loads((folder / "result.json").read_text())["replay"][direction]
+    replay = json.loads((folder / "result.json").read_text(encoding="utf-8"))["replay"][direction]
     monkeypatch.chdir(folder)
     kind = sitk.Image(2, 2, sitk.sitkFloat32)
     images = {"fixed": like(kind, f), "moving": like(kind, m)}

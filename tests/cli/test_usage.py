@@ -101,7 +101,8 @@ USAGE_ERRORS = {
     "mistyped subcommand": (["regster"], "No such command 'regster'"),
     "unknown option": (["register", "f", "m", "-o", "x", "--bogus"], "No such option: --bogus"),
     "bad integer": (["register", "f", "m", "-o", "x", "--refine", "abc"], "'--refine'"),
-    "apply without inputs": (["apply", "run"], "Missing argument 'INPUT...'"),
+    "apply without inputs": (["apply", "run", "-o", "x"], "Invalid value for 'RESULT INPUT...'"),
+    "apply without anything": (["apply", "-o", "x"], "Missing argument 'RESULT INPUT...'"),
     "train without config": (["train"], "Missing argument 'CONFIG'"),
     "evaluate without method": (["evaluate"], "Missing option '--method'"),
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ def write_outputs(
     fixed_labels: Image | None = None,
     moving_labels: Image | None = None,
     qc: bool = True,
+    formats: Sequence[str] = ("ants",),
 ) -> dict:
     """Write warped image, transforms, Jacobian map, QC figure and metrics into ``folder``.
 
@@ -34,11 +36,11 @@ def write_outputs(
     all, and, from :func:`learnreg.metrics.score_result` (the scores ``learnreg evaluate``
     records too), the Jacobian statistics of the deformable part and the mean Dice of the
     label-warped moving labels after the affine part and after all. ``qc=False`` skips
-    ``qc.png``."""
+    ``qc.png``; ``formats`` are the transform file sets (:data:`learnreg.io.result.FORMATS`)."""
     folder = Path(folder)
     warped = result.warp(moving)
     write_image(warped, folder / "warped.nii.gz")
-    save_result(result, folder)
+    save_result(result, folder, formats)
     jac = result.jacobian_determinant()
     write_image(Image(jac[None], result.fixed_grid, "jacobian"), folder / "jacobian.nii.gz")
     labels = fixed_labels is not None and moving_labels is not None

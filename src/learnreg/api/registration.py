@@ -7,6 +7,7 @@ by :meth:`Registration.save`), so a result made either way is the same result.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,14 @@ import yaml
 from learnreg.api.outputs import write_outputs
 from learnreg.core.errors import InputError
 from learnreg.core.image import Image
+from learnreg.core.options import check_option
 from learnreg.io.objects import ImageLike, as_image, like
 from learnreg.io.result import ants_apply_arguments, save_result, staged_output
 from learnreg.io.result import load_result as _load_folder
 from learnreg.io.transforms import read_affine, to_sitk_transform
 from learnreg.optimize.classical import Progress, check_pair
 from learnreg.optimize.classical import register as classical_register
-from learnreg.optimize.config import ClassicalConfig
+from learnreg.optimize.config import INITS, ClassicalConfig
 from learnreg.optimize.config import preset as classical_preset
 from learnreg.spatial.affine import AffineTransform
 from learnreg.spatial.result import RegistrationResult
@@ -108,21 +110,22 @@ class Registration:
             )
         return self.result.map_points(pts, inverse=inverse).double().numpy()
 
-    def save(self, folder: str | Path, qc: bool = True) -> Path:
+    def save(self, folder: str | Path, qc: bool = True, formats: Sequence[str] = ("ants",)) -> Path:
         """Write the result folder ``learnreg register`` writes (transforms, ``result.json``;
         with the images: warped image, Jacobian, ``metrics.json``, ``qc.png`` unless ``qc``
-        is False), atomically: a failed save leaves nothing half written."""
+        is False), atomically: a failed save leaves nothing half written. ``formats``: the
+        transform file sets, ``"ants"`` (always) and ``"h5"`` (ITK composites)."""
         folder = Path(folder)
         with staged_output(folder) as stage:
-            self.write(stage, qc)
+            self.write(stage, qc, formats)
         self.folder = folder
         return folder
 
-    def write(self, folder: Path, qc: bool = True) -> dict:
+    def write(self, folder: Path, qc: bool = True, formats: Sequence[str] = ("ants",)) -> dict:
         """What :meth:`save` writes, directly into the existing folder ``folder``; returns
         the metrics (empty without the images)."""
         if self.fixed is None or self.moving is None:
-            save_result(self.result, folder)
+            save_result(self.result, folder, formats)
             return {}
         return write_outputs(
             self.result,
@@ -132,6 +135,7 @@ class Registration:
             self.fixed_labels,
             self.moving_labels,
             qc=qc,
+            formats=formats,
         )
 
     def to_sitk(self, inverse: bool = False):
@@ -172,7 +176,7 @@ def _classical_config(preset: str, config: ClassicalConfig | dict | str | Path |
         return config.validate()
     if isinstance(config, str | Path):
         try:
-            config = yaml.safe_load(Path(config).read_text()) or {}
+            config = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}
         except OSError as e:
             raise InputError(f"{config}: cannot read config ({e.strerror})") from None
         except yaml.YAMLError as e:
@@ -198,6 +202,7 @@ class RegistrationPlan:
     config: ClassicalConfig
     refine: int = 0
     initial: AffineTransform | None = None
+    init: str | None = None
 
     def run(self, progress: Progress | None = None) -> Registration:
         t0 = time.perf_counter()
@@ -205,7 +210,9 @@ class RegistrationPlan:
         if self.model is None:
             result = classical_register(f, m, self.config, self.initial, progress=progress)
         else:
-            result = predict(f, m, self.model, self.refine, progress, initial=self.initial)
+            result = predict(
+                f, m, self.model, self.refine, progress, initial=self.initial, init=self.init
+            )
         result.info["seconds"] = time.perf_counter() - t0
         result.info["engine"] = self.why
         return Registration(result, f, m, self.fixed_labels, self.moving_labels)
@@ -220,6 +227,7 @@ def register(
     config: ClassicalConfig | dict | str | Path | None = None,
     refine: int = 0,
     initial: InitialLike | None = None,
+    init: str | None = None,
     fixed_labels: ImageLike | None = None,
     moving_labels: ImageLike | None = None,
     progress: Progress | None = None,
@@ -237,6 +245,8 @@ def register(
             starting point.
         refine: optimization steps from a network's prediction.
         initial: starting affine (see :data:`InitialLike`); default: centres of mass.
+        init: ``"com"`` or ``"search"`` (also a coarse search over rotations, for headers
+            wrong by a large rotation); default: the configuration's (``com``).
         fixed_labels, moving_labels: label maps, for Dice in :meth:`Registration.save`'s
             ``metrics.json``.
         progress: callback ``(stage, iteration, total, loss)``.
@@ -245,7 +255,7 @@ def register(
     Returns a :class:`Registration`; ``info["engine"]`` says which path ran and why.
     """
     plan = plan_registration(
-        fixed, moving, method, preset, config, refine, initial, fixed_labels, moving_labels
+        fixed, moving, method, preset, config, refine, initial, init, fixed_labels, moving_labels
     )
     if verbose:
         print(f"learnreg register: {plan.why}")
@@ -260,6 +270,7 @@ def plan_registration(
     config: ClassicalConfig | dict | str | Path | None = None,
     refine: int = 0,
     initial: InitialLike | None = None,
+    init: str | None = None,
     fixed_labels: ImageLike | None = None,
     moving_labels: ImageLike | None = None,
 ) -> RegistrationPlan:
@@ -268,6 +279,8 @@ def plan_registration(
     if refine < 0:
         raise InputError(f"refine must be >= 0, got {refine}")
     cfg = _classical_config(preset, config)
+    if init is not None:
+        cfg.init = check_option("init", init, INITS, InputError)
     f = as_image(fixed, name=_name(fixed, "fixed"))
     m = as_image(moving, name=_name(moving, "moving"))
     fl = None if fixed_labels is None else as_image(fixed_labels, labels=True)
@@ -285,7 +298,7 @@ def plan_registration(
             "--refine N (refine=N) refines a network's prediction: use it with a learned "
             f"model (--method NAME or --model PATH; in Python, its name or checkpoint); {why}"
         )
-    return RegistrationPlan(f, m, fl, ml, model, why, cfg, refine, start)
+    return RegistrationPlan(f, m, fl, ml, model, why, cfg, refine, start, init)
 
 
 def _is_path(method: str | Path) -> bool:

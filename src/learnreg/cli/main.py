@@ -113,6 +113,41 @@ def register(
         int,
         typer.Option(help="Instance-optimization steps that start from the network's prediction."),
     ] = 0,
+    initial_transform: Annotated[
+        str | None,
+        typer.Option(
+            help="Starting affine: an ITK/ANTs .mat/.txt/.h5 file (fixed → moving), or "
+            "[FILE,1] for its inverse, as antsRegistration's -r."
+        ),
+    ] = None,
+    init: Annotated[
+        str | None,
+        typer.Option(
+            help="Start: com (centres of mass) or search (also a coarse grid of rotations, as "
+            "antsAI: for headers wrong by a large rotation). Default: the preset's (com)."
+        ),
+    ] = None,
+    output_format: Annotated[
+        list[str],
+        typer.Option(
+            help="Transform files to write: ants (affine.mat + warp.nii.gz, always written) "
+            "and h5 (ITK composite transform.h5 + inverse_transform.h5). Repeatable."
+        ),
+    ] = ["ants"],  # noqa: B006 - typer reads the default, nothing mutates it
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads (default: torch's choice).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of every random generator used.")] = 0,
+    no_qc: Annotated[bool, typer.Option("--no-qc", help="Do not draw qc.png.")] = False,
+    verbose: Annotated[
+        int,
+        typer.Option(
+            "--verbose",
+            "-v",
+            count=True,
+            help="Log steps (-vv: details) to stderr and OUT/learnreg.log.",
+        ),
+    ] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
 ) -> None:
     """Register MOVING to FIXED; write the warped image, ITK/ANTs transforms, QC and metrics.
@@ -134,21 +169,40 @@ def register(
         method=method,
         model_path=model,
         refine=refine,
+        initial=initial_transform,
+        init=init,
+        formats=output_format,
+        threads=threads,
+        seed=seed,
+        qc=not no_qc,
+        verbose=verbose,
     )
 
 
 @app.command()
 def apply(
-    result: Annotated[
-        Path, typer.Argument(metavar="RESULT", help="Result folder written by `learnreg register`.")
-    ],
-    inputs: Annotated[
+    args: Annotated[
         list[Path],
         typer.Argument(
-            metavar="INPUT...", help="Images, label maps (--labels) or point CSVs (.csv)."
+            metavar="RESULT INPUT...",
+            help="A result folder of `learnreg register`, then images, label maps (--labels) "
+            "or point CSVs (.csv); with -t, inputs only.",
         ),
     ],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")],
+    transform: Annotated[
+        list[str] | None,
+        typer.Option(
+            "-t",
+            "--transform",
+            help="Transform files made elsewhere (ANTs/ITK .mat, .txt, .h5, warp .nii.gz), in "
+            "antsApplyTransforms order; [FILE,1] for an inverse. Repeatable.",
+        ),
+    ] = None,
+    reference: Annotated[
+        Path | None,
+        typer.Option("-r", "--reference", help="With -t: the image whose grid images go onto."),
+    ] = None,
     inverse: Annotated[
         bool,
         typer.Option(help="Map fixed-space inputs into moving space (default: moving → fixed)."),
@@ -160,13 +214,19 @@ def apply(
         str, typer.Option(help="Coordinate system of point CSVs: RAS or LPS (ANTs).")
     ] = "RAS",
 ) -> None:
-    """Warp images, label maps and point sets with a saved result, in either direction.
+    """Warp images, label maps and point sets with a saved result, in either direction, or
+    with ANTs/ITK transform files (``-t warp -t affine -r fixed``, as antsApplyTransforms).
 
     Default direction brings moving-space data into fixed space; ``--inverse`` the reverse.
     """
+    if not transform and len(args) < 2:
+        raise typer.BadParameter(
+            "a result folder and at least one input (or -t FILE ... and inputs)",
+            param_hint="'RESULT INPUT...'",
+        )
     from learnreg.cli.apply import run_apply
 
-    run_apply(result, inputs, output, inverse, labels, points_space)
+    run_apply(args, output, inverse, labels, points_space, transform, reference)
 
 
 @app.command()

@@ -3,12 +3,17 @@ files any ITK tool replays."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from learnreg.api.registration import plan_registration
 from learnreg.cli.progress import progress_display
+from learnreg.cli.runtime import configure, logging_into, parse_transform_argument
 from learnreg.core.errors import InputError
-from learnreg.io.result import staged_output
+from learnreg.core.options import check_option
+from learnreg.io.result import FORMATS, staged_output
+
+log = logging.getLogger(__name__)
 
 __all__ = ["run_register"]
 
@@ -25,9 +30,18 @@ def run_register(
     method: str = "auto",
     model_path: Path | None = None,
     refine: int = 0,
+    initial: str | None = None,
+    init: str | None = None,
+    formats: list[str] | None = None,
+    threads: int | None = None,
+    seed: int = 0,
+    qc: bool = True,
+    verbose: int = 0,
 ) -> None:
     if refine < 0:
         raise InputError(f"--refine must be >= 0, got {refine}")
+    formats = [check_option("--output-format", f, FORMATS, InputError) for f in formats or []]
+    configure(threads, seed)
     plan = plan_registration(
         fixed_path,
         moving_path,
@@ -35,14 +49,21 @@ def run_register(
         preset=preset_name,
         config=config_path,
         refine=refine,
+        initial=None if initial is None else parse_transform_argument(initial),
+        init=init,
         fixed_labels=fixed_labels_path,
         moving_labels=moving_labels_path,
     )
     if not quiet:
         print(f"learnreg register: {plan.why}")
-    with staged_output(output) as stage:
+    with staged_output(output) as stage, logging_into(stage, verbose):
+        log.info("%s", plan.why)
+        log.info("fixed %s: %s", plan.fixed.name, plan.fixed.grid)
+        log.info("moving %s: %s", plan.moving.name, plan.moving.grid)
         with progress_display(quiet) as progress:
             reg = plan.run(progress)
-        reg.write(stage)
+        log.info("registered in %.2f s", reg.info["seconds"])
+        reg.write(stage, qc=qc, formats=formats)
+        log.info("wrote %s", ", ".join(sorted(p.name for p in stage.iterdir())))
     if not quiet:
         print(f"wrote {output}/ (warped.nii.gz, transforms, jacobian, qc.png, metrics.json)")

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,7 +26,13 @@ from learnreg import __version__
 from learnreg.core.errors import InputError
 from learnreg.core.files import atomic_write
 from learnreg.core.grid import Grid
-from learnreg.io.transforms import read_affine, read_displacement, write_affine, write_displacement
+from learnreg.io.transforms import (
+    read_affine,
+    read_displacement,
+    write_affine,
+    write_displacement,
+    write_transform,
+)
 from learnreg.spatial.result import RegistrationResult
 
 __all__ = [
@@ -35,6 +42,7 @@ __all__ = [
     "write_json",
     "replay_commands",
     "ants_apply_arguments",
+    "FORMATS",
 ]
 
 FILES = {
@@ -42,7 +50,13 @@ FILES = {
     "affine_inverse": "affine_inverse.mat",
     "warp": "warp.nii.gz",
     "inverse_warp": "inverse_warp.nii.gz",
+    "composite": "transform.h5",
+    "composite_inverse": "inverse_transform.h5",
 }
+FORMATS = ("ants", "h5")
+"""Transform file sets: ``ants`` (affine ``.mat`` + displacement NIfTI, always written: it is
+what :func:`load_result` reads) and ``h5`` (one ITK composite ``.h5`` per direction, as
+niprep-style pipelines pass transforms)."""
 
 
 @contextmanager
@@ -68,13 +82,26 @@ def staged_output(outdir: str | Path):
 def write_json(path: str | Path, obj: dict) -> None:
     """Write JSON atomically."""
     with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=float))
+        tmp.write_text(json.dumps(obj, indent=2, default=float), encoding="utf-8")
 
 
-def save_result(result: RegistrationResult, folder: str | Path) -> dict[str, str]:
-    """Write the transform files and ``result.json`` into ``folder``; returns role → file."""
+def save_result(
+    result: RegistrationResult, folder: str | Path, formats: Sequence[str] = ("ants",)
+) -> dict[str, str]:
+    """Write the transform files (of :data:`FORMATS` ``formats``; ``ants`` always) and
+    ``result.json`` into ``folder``; returns role → file."""
     folder = Path(folder)
+    unknown = set(formats) - set(FORMATS)
+    if unknown:
+        raise ValueError(f"unknown transform formats {sorted(unknown)}; expected {FORMATS}")
     files: dict[str, str] = {}
+    if "h5" in formats:
+        write_transform(folder / FILES["composite"], result.transform(), grid=result.fixed_grid)
+        files["composite"] = FILES["composite"]
+        if result.deformable is None or result.inverse_deformable is not None:
+            inverse = result.inverse_transform()
+            write_transform(folder / FILES["composite_inverse"], inverse, grid=result.moving_grid)
+            files["composite_inverse"] = FILES["composite_inverse"]
     if result.affine is not None:
         write_affine(folder / FILES["affine"], result.affine)
         write_affine(folder / FILES["affine_inverse"], result.affine.inverse())
@@ -141,7 +168,7 @@ def ants_apply_arguments(folder: str | Path, inverse: bool = False) -> dict[str,
     folder = Path(folder)
     manifest_path = folder / "result.json"
     try:
-        m = json.loads(manifest_path.read_text())
+        m = json.loads(manifest_path.read_text(encoding="utf-8"))
         names = m["ants_inverse_transforms" if inverse else "ants_forward_transforms"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise InputError(f"{manifest_path}: unreadable result manifest ({e})") from None
@@ -156,7 +183,7 @@ def load_result(folder: str | Path) -> RegistrationResult:
     if not manifest_path.is_file():
         raise InputError(f"{folder}: not a learnreg result folder (no result.json)")
     try:
-        m = json.loads(manifest_path.read_text())
+        m = json.loads(manifest_path.read_text(encoding="utf-8"))
         files = m["files"]
         fixed, moving = Grid.from_dict(m["fixed_grid"]), Grid.from_dict(m["moving_grid"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:

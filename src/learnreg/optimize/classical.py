@@ -8,6 +8,7 @@ networks use: each stage's similarity (``metric``) and regularizers are named re
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -25,6 +26,7 @@ from learnreg.optimize.config import (
     regularization_terms,
     similarity_terms,
 )
+from learnreg.optimize.initialize import center_of_mass, com_init, implausible_affine, search_init
 from learnreg.optimize.pyramid import Pyramid, level_factor, normalize_intensity
 from learnreg.spatial.affine import AffineTransform
 from learnreg.spatial.displacement import DisplacementField
@@ -36,6 +38,8 @@ from learnreg.spatial.sampling import sample
 from learnreg.spatial.svf import integrate_velocity
 
 __all__ = ["register", "check_pair", "Progress"]
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int, float], None]
 """Callback ``(stage, iteration, total, loss)`` called after every iteration."""
@@ -67,18 +71,33 @@ def register(
     with torch.enable_grad():
         f = Pyramid(normalize_intensity(fixed))
         m = Pyramid(normalize_intensity(moving))
-        matrix = (
-            initial.homogeneous()[0].detach()
-            if initial is not None
-            else _com_init(f.image, m.image)
-        )
+        start: dict = {"init": "given" if initial is not None else cfg.init}
+        if initial is not None:
+            matrix = initial.homogeneous()[0].detach()
+        elif cfg.init == "search":
+            stage = cfg.linear[0] if cfg.linear else LinearStage("rigid")
+            shrink = max(stage.shrink)
+            sim = similarity_terms(stage, cfg)
+            matrix, start = search_init(f.level(shrink), m.level(shrink), sim)
+        else:
+            matrix = com_init(f.image, m.image)
         for stage in cfg.linear:
             matrix = _linear_stage(f, m, matrix, stage, cfg, progress)
         affine = AffineTransform(matrix)
+        warnings = implausible_affine(matrix, hint=start["init"] == "com") if cfg.linear else []
         fwd = inv = None
         if cfg.deformable is not None:
             fwd, inv = _svf_stage(f, m, affine, cfg.deformable, cfg, progress, initial_field)
-    info = {"method": "classical", "config": cfg.to_dict(), "seconds": time.perf_counter() - t0}
+    info = {
+        "method": "classical",
+        "config": cfg.to_dict(),
+        "initialization": start,
+        "seconds": time.perf_counter() - t0,
+    }
+    if warnings:
+        info["warnings"] = warnings
+        for w in warnings:
+            log.warning("%s → %s: %s", moving.name, fixed.name, w)
     return RegistrationResult(fixed.grid, moving.grid, affine, fwd, inv, info)
 
 
@@ -98,19 +117,6 @@ def check_pair(fixed: Image, moving: Image) -> None:
 
 
 # ---------------------------------------------------------------------------- linear
-def _com(image: Image) -> torch.Tensor:
-    w = image.data[0].double().clamp(min=0)
-    pts = image.grid.world_points(torch.float64)
-    return (pts * w[..., None]).reshape(-1, image.ndim).sum(0) / w.sum().clamp(min=1e-12)
-
-
-def _com_init(fixed: Image, moving: Image) -> torch.Tensor:
-    """Translation that aligns the centres of mass (fixed → moving)."""
-    m = torch.eye(fixed.ndim + 1)
-    m[: fixed.ndim, fixed.ndim] = (_com(moving) - _com(fixed)).float()
-    return m
-
-
 def _normalizing_frame(grid: Grid, center: torch.Tensor) -> torch.Tensor:
     """Matrix taking world mm to a frame centred on ``center`` with unit ≈ half the extent.
 
@@ -133,7 +139,7 @@ def _linear_stage(
     config: ClassicalConfig,
     progress: Progress | None,
 ) -> torch.Tensor:
-    frame = _normalizing_frame(fixed.image.grid, _com(fixed.image))
+    frame = _normalizing_frame(fixed.image.grid, center_of_mass(fixed.image))
     frame_inv = torch.linalg.inv(frame)
     delta = create_transform(stage.model, ndim=fixed.image.ndim, learnable=True)
     opt = torch.optim.Adam(delta.parameters(), lr=stage.learning_rate)

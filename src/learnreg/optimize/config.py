@@ -35,6 +35,7 @@ __all__ = [
 
 LINEAR_MODELS = ("rigid", "similarity", "affine")
 DEFORMABLE_MODELS = ("svf", "displacement")
+INITS = ("com", "search")
 _DEFAULT_REGULARIZATION = {"diffusion": 1.0}
 
 
@@ -123,6 +124,10 @@ class ClassicalConfig:
     mi_bins: int = 32
     mi_samples: int | None = 32768
     """Random voxels per MI evaluation in linear stages (None: all); deformable uses all."""
+    init: str = "com"
+    """Start of the linear stages: ``com`` (centres of mass aligned) or ``search`` (also the
+    best of a coarse grid of rotations about them, as ANTs' antsAI;
+    :mod:`learnreg.optimize.initialize`)."""
 
     def validate(self) -> ClassicalConfig:
         stages: list[tuple[str, Any]] = [(f"linear[{i}]", s) for i, s in enumerate(self.linear)]
@@ -141,6 +146,7 @@ class ClassicalConfig:
                     f"shrink {s.shrink}, iterations {s.iterations} (and velocity_shrink) "
                     "must have equal length"
                 )
+        check_option("init", self.init, INITS)
         if self.deformable is not None:
             check_option("deformable model", self.deformable.model, DEFORMABLE_MODELS)
         for s in self.linear:
@@ -163,6 +169,7 @@ class ClassicalConfig:
             deformable=_stage(DeformableStage, deform) if deform else None,
             mi_bins=int(d.get("mi_bins", 32)),
             mi_samples=d.get("mi_samples", 32768),
+            init=str(d.get("init", "com")),
         ).validate()
 
 

@@ -27,7 +27,7 @@ import torch
 from learnreg.core.grid import Grid
 from learnreg.core.image import Image
 from learnreg.optimize.classical import Progress, check_pair, register
-from learnreg.optimize.config import ClassicalConfig, DeformableStage, LinearStage
+from learnreg.optimize.config import ClassicalConfig, DeformableStage, LinearStage, preset
 from learnreg.spatial.affine import AffineTransform
 from learnreg.spatial.base import SpatialTransform
 from learnreg.spatial.displacement import DisplacementField
@@ -100,18 +100,21 @@ def predict(
     refine: int = 0,
     progress: Progress | None = None,
     initial: AffineTransform | None = None,
+    init: str | None = None,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` with ``model`` (+ ``refine`` optimization steps).
 
     ``initial`` (world, fixed→moving) starts the model's pre-alignment, or replaces it when
-    the model has none."""
+    the model has none; ``init`` (``com``/``search``) overrides the pre-alignment's start."""
     if refine < 0:
         raise ValueError(f"refine must be >= 0, got {refine}")
     check_pair(fixed, moving)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     if model.prealign is not None:
-        affine = register(fixed, moving, model.prealign, initial, progress=progress).linear()
+        cfg = preset(model.prealign)
+        cfg.init = init or cfg.init
+        affine = register(fixed, moving, cfg.validate(), initial, progress=progress).linear()
     else:
         affine = initial if initial is not None else AffineTransform.identity(fixed.ndim)
     timings["prealign"] = time.perf_counter() - t0

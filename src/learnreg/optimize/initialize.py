@@ -1,0 +1,160 @@
+"""Where a classical registration starts, and whether where it ended is plausible.
+
+``com`` aligns the centres of mass. ``search`` (as ANTs' ``antsAI``) also tries rotations
+about them on a coarse grid of angles — every ``step`` degrees about each axis — scores each
+by the first linear stage's similarity on the coarsest images and starts from the best, so a
+header that is wrong by a large rotation (e.g. 180° about S) is recovered.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import torch
+
+from learnreg.core.grid import apply_matrix
+from learnreg.core.image import Image
+from learnreg.losses.terms import LossTerms
+from learnreg.spatial.sampling import sample
+
+__all__ = [
+    "center_of_mass",
+    "com_init",
+    "rotation_candidates",
+    "search_init",
+    "rotation_angle",
+    "implausible_affine",
+]
+
+SEARCH_STEP = {2: 15.0, 3: 30.0}
+"""Default angle step of the rotation search, degrees (2D: 24 angles; 3D: 12³ Euler angles,
+duplicates removed)."""
+
+
+def center_of_mass(image: Image) -> torch.Tensor:
+    """Intensity-weighted centre (world mm, float64) of the non-negative part of ``image``."""
+    w = image.data[0].double().clamp(min=0)
+    pts = image.grid.world_points(torch.float64)
+    return (pts * w[..., None]).reshape(-1, image.ndim).sum(0) / w.sum().clamp(min=1e-12)
+
+
+def _about_centres(rotation: torch.Tensor, fixed_c: torch.Tensor, moving_c: torch.Tensor):
+    """``x ↦ R (x − c_f) + c_m`` as a homogeneous matrix (float64)."""
+    d = rotation.shape[-1]
+    m = torch.eye(d + 1, dtype=torch.float64)
+    m[:d, :d] = rotation
+    m[:d, d] = moving_c - rotation @ fixed_c
+    return m
+
+
+def com_init(fixed: Image, moving: Image) -> torch.Tensor:
+    """Translation that aligns the centres of mass (fixed → moving), float32."""
+    eye = torch.eye(fixed.ndim, dtype=torch.float64)
+    return _about_centres(eye, center_of_mass(fixed), center_of_mass(moving)).float()
+
+
+def _axis_rotation(axis: int, angle: float) -> torch.Tensor:
+    c, s = math.cos(angle), math.sin(angle)
+    i, j = [a for a in range(3) if a != axis]
+    r = torch.eye(3, dtype=torch.float64)
+    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+    return r
+
+
+def rotation_candidates(ndim: int, step: float | None = None) -> torch.Tensor:
+    """Rotations ``(K, D, D)`` every ``step`` degrees (2D: about the normal; 3D: Euler angles
+    about x, y, z, duplicates removed), the identity first."""
+    step = SEARCH_STEP[ndim] if step is None else float(step)
+    if not 0 < step <= 180:
+        raise ValueError(f"rotation search step must be in (0, 180] degrees, got {step}")
+    angles = [math.radians(a) for a in np.arange(0.0, 360.0 - 1e-9, step)]
+    if ndim == 2:
+        return torch.stack(
+            [
+                torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+                for a in angles
+            ]
+        ).double()
+    seen, out = set(), []
+    for a, b, c in itertools.product(angles, repeat=3):
+        r = _axis_rotation(2, c) @ _axis_rotation(1, b) @ _axis_rotation(0, a)
+        key = tuple(np.round(r.numpy(), 6).ravel())
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def search_init(
+    fixed: Image,
+    moving: Image,
+    similarity: LossTerms,
+    step: float | None = None,
+    chunk: int = 64,
+) -> tuple[torch.Tensor, dict]:
+    """The best of :func:`rotation_candidates` about the centres of mass, by ``similarity``
+    (lower is better) of ``moving`` resampled onto ``fixed``'s grid (give coarse images).
+
+    Returns the matrix (float32, fixed → moving world) and what was searched."""
+    fc, mc = center_of_mass(fixed), center_of_mass(moving)
+    rotations = rotation_candidates(fixed.ndim, step)
+    pts = fixed.grid.world_points(torch.float64)
+    target, source = fixed.batch().float(), moving.batch().float()
+    scores = []
+    for start in range(0, len(rotations), chunk):
+        mats = torch.stack([_about_centres(r, fc, mc) for r in rotations[start : start + chunk]])
+        mapped = apply_matrix(mats, pts.reshape(1, -1, fixed.ndim).expand(len(mats), -1, -1))
+        mapped = mapped.reshape(len(mats), *fixed.grid.shape, fixed.ndim)
+        warped = sample(
+            source.expand(len(mats), *source.shape[1:]),
+            moving.grid.world_to_grid_sample(mapped.float()),
+        )
+        for k in range(len(mats)):
+            scores.append(float(similarity(target, warped[k : k + 1])["total"]))
+    best = int(np.argmin(scores))
+    info = {
+        "init": "search",
+        "candidates": len(rotations),
+        "best_rotation_degrees": math.degrees(rotation_angle(rotations[best])),
+        "identity_score": scores[0],
+        "best_score": scores[best],
+    }
+    return _about_centres(rotations[best], fc, mc).float(), info
+
+
+def rotation_angle(linear: torch.Tensor) -> float:
+    """Angle (radians) of the rotation nearest to the linear part ``(D, D)`` (polar
+    decomposition)."""
+    u, _, vh = torch.linalg.svd(linear.double())
+    r = u @ vh
+    if r.shape[0] == 2:
+        return abs(math.atan2(float(r[1, 0]), float(r[0, 0])))
+    cos = (float(torch.trace(r)) - 1.0) / 2.0
+    return math.acos(max(-1.0, min(1.0, cos)))
+
+
+def implausible_affine(
+    matrix: torch.Tensor, max_degrees: float = 45.0, hint: bool = True
+) -> list[str]:
+    """Reasons to doubt a recovered fixed → moving affine: a volume change far from 1
+    (det outside [0.5, 2], or a reflection) or a rotation over ``max_degrees`` — usually a
+    wrong header (orientation) rather than anatomy; empty when plausible. ``hint`` suggests
+    the rotation search (when it was not used)."""
+    d = matrix.shape[-1] - 1
+    lin = matrix[..., :d, :d].reshape(d, d).double()
+    det = float(torch.linalg.det(lin))
+    out = []
+    if not 0.5 <= det <= 2.0:
+        what = "a reflection" if det < 0 else f"a volume change of {det:.2f}×"
+        out.append(f"the affine implies {what}; check the images' headers and field of view")
+    angle = math.degrees(rotation_angle(lin))
+    if det > 0 and angle > max_degrees:
+        out.append(
+            f"the affine rotates by {angle:.0f}° (more than {max_degrees:.0f}°): the headers "
+            "probably disagree about orientation; check them"
+            + (", or start with --init search" if hint else "")
+        )
+    return out
