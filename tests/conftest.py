@@ -36,3 +36,15 @@ def _one_thread_and_seeded():
     torch.manual_seed(0)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """learnreg's on-disk caches (pre-alignments) in a folder of this test session."""
+    old = os.environ.get("LEARNREG_CACHE")
+    os.environ["LEARNREG_CACHE"] = str(tmp_path_factory.mktemp("learnreg-cache"))
+    yield
+    if old is None:
+        os.environ.pop("LEARNREG_CACHE", None)
+    else:
+        os.environ["LEARNREG_CACHE"] = old

@@ -25,6 +25,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -397,6 +398,7 @@ class PairDataset(Dataset):
             through its pair's transform, so the network sees pre-aligned pairs, as
             prediction after affine alignment does. The matrices are kept in
             :attr:`prealignments` (``"fixed/moving"`` → transform).
+        progress: called ``(done, total, pair)`` after each pair is preloaded.
 
     Items are dicts with ``fixed``, ``moving`` (``(1, *S)`` float32), ``fixed_labels``,
     ``moving_labels`` (``(1, *S)`` int64, or absent), ``index`` and ``names`` (the fixed and
@@ -410,6 +412,7 @@ class PairDataset(Dataset):
         grid: Grid | None = None,
         preload: bool = True,
         prealign: Callable[[Image, Image], SpatialTransform] | None = None,
+        progress: Callable[[int, int, str], None] | None = None,
     ) -> None:
         if not pairs:
             raise InputError("PairDataset: no pairs")
@@ -427,7 +430,12 @@ class PairDataset(Dataset):
         self.grid = grid
         if preload:
             for i in range(len(self.pairs)):
+                t0 = time.perf_counter()
                 self[i]
+                if progress is not None:
+                    p = self.pairs[i]
+                    what = f"{p.moving_subject.name} → {p.fixed_subject.name}"
+                    progress(i + 1, len(self.pairs), f"{what} ({time.perf_counter() - t0:.1f} s)")
 
     def __len__(self) -> int:
         return len(self.pairs)

@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,6 +53,7 @@ from learnreg.data.datasets import (
     pairs_from_csv,
     subject_pairs,
 )
+from learnreg.data.prealign import CachedPrealignment
 from learnreg.data.preprocess import NetworkGrid, Preprocessor
 from learnreg.methods.base import RegistrationMethod
 from learnreg.train.checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
@@ -127,23 +129,56 @@ def build_datasets(
                 raise InputError("subject-to-subject training needs at least two subjects")
             train_pairs = subject_pairs(train)
             val_pairs = subject_pairs(val) if len(val) >= 2 else []
-    prealign = _prealigner(data.prealign)
-    train_set = PairDataset(train_pairs, pre, preload=preload, prealign=prealign)
+    prealign = CachedPrealignment(data.prealign) if data.prealign else None
+    say = _preparation_printer(config, prealign) if preload else None
+    t0 = time.perf_counter()
+    train_set = PairDataset(
+        train_pairs, pre, preload=preload, prealign=prealign, progress=say and say("training")
+    )
     val_set = (
-        PairDataset(val_pairs, pre, grid=train_set.grid, preload=preload, prealign=prealign)
+        PairDataset(
+            val_pairs,
+            pre,
+            grid=train_set.grid,
+            preload=preload,
+            prealign=prealign,
+            progress=say and say("validation"),
+        )
         if val_pairs
         else None
     )
+    if say is not None:
+        cached = (
+            f"; pre-alignments: {prealign.hits} cached, {prealign.misses} computed"
+            if prealign
+            else ""
+        )
+        _tell(
+            f"data ready in {time.perf_counter() - t0:.1f} s on the network grid {train_set.grid.shape}{cached}"
+        )
     return train_set, val_set
 
 
-def _prealigner(preset: str | None):
-    """``(fixed, moving) → affine`` by the classical ``preset``, or None."""
-    if preset is None:
-        return None
-    from learnreg.optimize.classical import register
+def _tell(line: str) -> None:
+    print(f"learnreg train: {line}", file=sys.stderr, flush=True)
 
-    return lambda fixed, moving: register(fixed, moving, preset).linear()
+
+def _preparation_printer(config: TrainConfig, prealign: CachedPrealignment | None):
+    """``say(kind)`` → a PairDataset progress callback printing one line per pair (the main
+    process only, when ``config.progress``), or None."""
+    if not (config.progress and int(os.environ.get("RANK", "0")) == 0):
+        return None
+
+    def say(kind: str):
+        doing = f"pre-aligning ({prealign.preset})" if prealign else "reading"
+
+        def progress(done: int, total: int, pair: str) -> None:
+            cached = " [cached]" if prealign is not None and prealign.last_was_cached else ""
+            _tell(f"{doing} {kind} pairs {done}/{total}: {pair}{cached}")
+
+        return progress
+
+    return say
 
 
 def _seed_all(seed: int) -> None:
