@@ -57,6 +57,8 @@ def test_evaluate_pairs_csv_prints_table_and_report(app, root, tmp_path):
         (["evaluate", "-m", "nope:x", "-o", "x", "--atlas", "A", "--moving-dir", "D"],
          "atlas image not found"),
         (["benchmark", "nosuch", "-o", "x"], "unknown suite 'nosuch'; available: lpba40-atlas"),
+        (["evaluate", "-m", "classical:affine", "-o", "x", "--pairs", "p.csv", "--label-names",
+          "missing-names.csv"], "missing-names.csv"),
     ],
 )  # fmt: skip
 def test_bad_input_raises_input_error(app, args, needle):
@@ -83,6 +85,21 @@ def test_benchmark_suite_on_a_data_root(app, root, tmp_path):
     assert res.exit_code == 0, res.output
     assert "lpba40-atlas" in res.output and "1/1" in res.output
     assert (out / "records/classical-affine/S35_to_S01.json").is_file()
+    # the suite's structure names reach the tables; one pair gets the small-sample note
+    rows = (out / "per_structure.csv").read_text(encoding="utf-8").splitlines()
+    assert rows[0].endswith(",name") and any(r.endswith(",L hippocampus") for r in rows)
+    assert "Only 1 pair" in (out / "report.md").read_text(encoding="utf-8")
+    names = tmp_path / "names.csv"
+    names.write_text("index,name\n165,hippocampus (left)\n", encoding="utf-8")
+    res = runner.invoke(
+        app,
+        ["benchmark", "lpba40-atlas", "--data", str(root), "-s", "S35", "-m", "classical:affine",
+         "--no-isolate", "-o", str(out), "-q", "--label-names", str(names)],
+        catch_exceptions=False,
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    text = (out / "per_structure.csv").read_text(encoding="utf-8")
+    assert ",hippocampus (left)" in text and "L hippocampus" not in text
 
 
 def test_suite_defaults():

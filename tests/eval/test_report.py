@@ -210,3 +210,17 @@ def test_missing_qc_png_is_reported(tmp_path):
     recs = [{"method": "m", "pair": "p", "dice_mean": 0.5, "qc_png": "qc/none.png"}]
     text = write_report(recs, tmp_path, n_resamples=N_RESAMPLES)["html"].read_text()
     assert "QC figure not found: qc/none.png" in text
+
+
+def test_label_names_and_the_small_sample_note(tmp_path):
+    recs = _records(tmp_path)  # 4 pairs: fewer than the report trusts
+    names = {label: f"structure named {label}" for label in LABELS}
+    files = write_report(recs, tmp_path, n_resamples=N_RESAMPLES, label_names=names)
+    rows = list(csv.DictReader(open(files["per_structure"], encoding="utf-8")))
+    assert rows and all(r["name"] == names[r["label"]] for r in rows)
+    for key in ("html", "markdown"):
+        assert "Only 4 pairs" in files[key].read_text(encoding="utf-8")
+    six = [dict(r, pair=f"{r['pair']}{k}") for r in recs for k in ("", "b")]  # 8 pairs
+    files = write_report(six, tmp_path / "eight", n_resamples=N_RESAMPLES)
+    assert "Only" not in files["markdown"].read_text(encoding="utf-8")
+    assert "name" not in open(files["per_structure"], encoding="utf-8").readline()

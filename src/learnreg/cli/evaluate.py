@@ -57,6 +57,13 @@ def register_command(app: typer.Typer) -> None:
                 help="One process per (method, pair): peak memory is its own.",
             ),
         ] = False,
+        label_names: Annotated[
+            Path | None,
+            typer.Option(
+                help="Structure names for figures and reports: ITK-SNAP label file, "
+                "FreeSurfer LUT, or CSV/TSV of code,name."
+            ),
+        ] = None,
         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     ) -> None:
         """Evaluate registration methods on pairs: Dice, HD95, TRE, folding, ICE, time.
@@ -65,7 +72,7 @@ def register_command(app: typer.Typer) -> None:
         """
         run_evaluate(
             method, output, pairs, atlas, atlas_labels, moving_dir, labels_dir, pattern,
-            resume, isolate, quiet,
+            resume, isolate, quiet, label_names,
         )  # fmt: skip
 
     @app.command()
@@ -96,10 +103,17 @@ def register_command(app: typer.Typer) -> None:
                 help="One process per (method, pair): peak memory is its own.",
             ),
         ] = True,
+        label_names: Annotated[
+            Path | None,
+            typer.Option(
+                help="Structure names for figures and reports: ITK-SNAP label file, "
+                "FreeSurfer LUT, or CSV/TSV of code,name."
+            ),
+        ] = None,
         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     ) -> None:
         """Run a named benchmark suite and write its report."""
-        run_benchmark(suite, output, data, subjects, method, resume, isolate, quiet)
+        run_benchmark(suite, output, data, subjects, method, resume, isolate, quiet, label_names)
 
 
 def _split(values: list[str] | None) -> list[str]:
@@ -122,10 +136,13 @@ def run_evaluate(
     resume: bool = True,
     isolate: bool = False,
     quiet: bool = False,
+    label_names: Path | None = None,
 ) -> list[dict]:
     from learnreg.data.datasets import atlas_folder_pairs, pairs_from_csv
+    from learnreg.io.label_names import read_label_names
     from learnreg.runner.evaluate import evaluate
 
+    names = read_label_names(label_names) if label_names is not None else None
     if pairs_csv is not None and (atlas is not None or moving_dir is not None):
         raise InputError("give either --pairs CSV or --atlas/--moving-dir, not both")
     if pairs_csv is not None:
@@ -138,7 +155,10 @@ def run_evaluate(
         raise InputError("no pairs: give --pairs CSV or --atlas IMG --moving-dir DIR")
     if not methods:
         raise InputError("give at least one --method (e.g. classical:default)")
-    records = evaluate(methods, pairs, output, resume=resume, isolate=isolate, progress=not quiet)
+    records = evaluate(
+        methods, pairs, output, resume=resume, isolate=isolate, progress=not quiet,
+        label_names=names,
+    )  # fmt: skip
     _print_summary(records, output)
     return records
 
@@ -152,14 +172,20 @@ def run_benchmark(
     resume: bool = True,
     isolate: bool = True,
     quiet: bool = False,
+    label_names: Path | None = None,
 ) -> list[dict]:
+    from learnreg.io.label_names import read_label_names
     from learnreg.runner.evaluate import evaluate
     from learnreg.runner.suites import get_suite
 
     suite = get_suite(suite_name)
+    names = read_label_names(label_names) if label_names is not None else suite.label_names
     pairs = suite.pairs(data, _split(subjects) or None)
     methods = list(methods or suite.default_methods())
-    records = evaluate(methods, pairs, output, resume=resume, isolate=isolate, progress=not quiet)
+    records = evaluate(
+        methods, pairs, output, resume=resume, isolate=isolate, progress=not quiet,
+        label_names=names,
+    )  # fmt: skip
     _print_summary(records, output, title=f"{suite.name}: {suite.description}")
     return records
 

@@ -3,7 +3,8 @@
 :func:`write_report` turns the per-(method, pair) records of :mod:`learnreg.runner.evaluate` into
 
 - ``results.csv``: one row per record, the scalar fields (per-structure dicts left out);
-- ``per_structure.csv``: ``method, pair, label, dice, hd95``, one row per structure;
+- ``per_structure.csv``: ``method, pair, label, dice, hd95`` (and ``name`` when label names
+  are given), one row per structure;
 - ``summary.json``: per-method means with bootstrap CIs, paired comparisons against the
   reference method, and the failures;
 - ``dice_boxplot.png``: per-structure Dice, methods side by side (when records carry Dice);
@@ -180,7 +181,10 @@ def _results_rows(records: Sequence[Mapping]) -> tuple[list[str], list[list[str]
     return columns, rows
 
 
-def _per_structure_rows(records: Sequence[Mapping]) -> list[list[str]]:
+def _per_structure_rows(
+    records: Sequence[Mapping], names: Mapping[str, str] | None = None
+) -> list[list[str]]:
+    """Rows of per_structure.csv; with ``names``, a last column holds each structure's name."""
     rows = []
     for r in records:
         dice = {str(k): v for k, v in (r.get("dice") or {}).items()}
@@ -193,6 +197,7 @@ def _per_structure_rows(records: Sequence[Mapping]) -> list[list[str]]:
                     label,
                     _csv_cell(_finite(dice.get(label))),
                     _csv_cell(_finite(hd.get(label))),
+                    *([_csv_cell(names.get(label, ""))] if names is not None else []),
                 ]
             )
     return rows
@@ -455,6 +460,18 @@ def _fmt_p(p) -> str:
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
+SMALL_SAMPLE = 5
+"""Below this many pairs the report says its intervals and tests mean little."""
+
+
+def _small_sample_note(n: int) -> str:
+    return (
+        f"Only {n} pair{'s' * (n != 1)}: the bootstrap intervals are too narrow to trust and "
+        "the two-sided Wilcoxon signed-rank test cannot reach p < 0.05 with fewer than 6 "
+        "pairs; treat the differences as anecdotes."
+    )
+
+
 def _render_html(ctx: _Context) -> str:
     ref = ctx.comparison.get("reference")
     pct = f"{100 * ctx.confidence:g}%"
@@ -483,6 +500,10 @@ def _render_html(ctx: _Context) -> str:
         "Failed pairs are left out of every mean (see the counts); n is shown where a metric "
         "has fewer values than the method has finished pairs. ↑ higher is better, "
         "↓ lower is better; bold marks the best mean.</p>",
+    ]
+    if 0 < len(ctx.pairs) < SMALL_SAMPLE:
+        out.append(f"<p class='note'><b>{_e(_small_sample_note(len(ctx.pairs)))}</b></p>")
+    out += [
         "<div class='wide'><table><thead><tr><th class='t'>method</th><th>pairs ok / failed</th>",
     ]
     out += [f"<th>{_e(_info(mt).header())}</th>" for mt in ctx.metrics]
@@ -633,6 +654,11 @@ def _render_markdown(ctx: _Context) -> str:
         "",
         f"Mean [{pct} bootstrap CI] over the pairs that finished (n = pairs with a value).",
         "",
+        *(
+            [f"**{_small_sample_note(len(ctx.pairs))}**", ""]
+            if 0 < len(ctx.pairs) < SMALL_SAMPLE
+            else []
+        ),
         "| method | pairs ok / failed | "
         + " | ".join(_md(_info(m).header()) for m in ctx.metrics)
         + " |",
@@ -744,8 +770,11 @@ def write_report(
         columns, rows = _results_rows(records)
         _write_csv(staging / "results.csv", columns, rows)
         files["results"] = "results.csv"
+        names = {str(k): str(v) for k, v in label_names.items()} if label_names else None
         _write_csv(
-            staging / "per_structure.csv", _PER_STRUCTURE_COLUMNS, _per_structure_rows(records)
+            staging / "per_structure.csv",
+            _PER_STRUCTURE_COLUMNS + (("name",) if names else ()),
+            _per_structure_rows(records, names),
         )
         files["per_structure"] = "per_structure.csv"
 

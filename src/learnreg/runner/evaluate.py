@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from learnreg.core.errors import InputError
@@ -222,6 +222,7 @@ def evaluate(
     progress: bool = True,
     qc: bool = True,
     report: bool = True,
+    label_names: Mapping[str, str] | None = None,
 ) -> list[dict]:
     """Evaluate every method on every pair; write records, QC figures and the report.
 
@@ -235,6 +236,7 @@ def evaluate(
         isolate: one fresh process per (method, pair), so ``peak_memory_mb`` is its own.
         progress: rich progress bar on stderr.
         report: finish with ``learnreg.eval.report.write_report(records, outdir)``.
+        label_names: structure names (label code → name) for the report's figures and tables.
 
     Returns the records, method by method in the order given, pairs in order.
     """
@@ -276,7 +278,7 @@ def evaluate(
     if report:
         from learnreg.eval.report import write_report
 
-        write_report(records, outdir)
+        write_report(records, outdir, label_names=label_names)
     return records
 
 

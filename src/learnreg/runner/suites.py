@@ -11,14 +11,14 @@ relative to the current folder and to the repository.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from learnreg.core.errors import InputError
 from learnreg.data.datasets import Pair, Subject
 
-__all__ = ["Suite", "SUITES", "get_suite", "data_root", "suite_names"]
+__all__ = ["Suite", "SUITES", "get_suite", "data_root", "suite_names", "LPBA40_LABEL_NAMES"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,8 @@ class Suite:
     default_subjects: tuple[str, ...]
     build: Callable[[Path, Sequence[str]], list[Pair]]
     methods: Callable[[], list[str]]
+    label_names: Mapping[str, str] | None = None
+    """Structure names of the suite's label maps (code → name), for figures and reports."""
 
     def pairs(self, root: Path | None = None, subjects: Sequence[str] | None = None) -> list[Pair]:
         root = data_root(root)
@@ -100,6 +102,25 @@ def _lpba40_methods() -> list[str]:
     return ["classical:default"] + (["ants:SyN"] if _have_ants() else [])
 
 
+_LPBA40_REGIONS = {
+    21: "superior frontal gyrus", 23: "middle frontal gyrus", 25: "inferior frontal gyrus",
+    27: "precentral gyrus", 29: "middle orbitofrontal gyrus", 31: "lateral orbitofrontal gyrus",
+    33: "gyrus rectus", 41: "postcentral gyrus", 43: "superior parietal gyrus",
+    45: "supramarginal gyrus", 47: "angular gyrus", 49: "precuneus",
+    61: "superior occipital gyrus", 63: "middle occipital gyrus", 65: "inferior occipital gyrus",
+    67: "cuneus", 81: "superior temporal gyrus", 83: "middle temporal gyrus",
+    85: "inferior temporal gyrus", 87: "parahippocampal gyrus", 89: "lingual gyrus",
+    91: "fusiform gyrus", 101: "insular cortex", 121: "cingulate gyrus", 161: "caudate",
+    163: "putamen", 165: "hippocampus",
+}  # fmt: skip
+LPBA40_LABEL_NAMES: dict[str, str] = {
+    **{str(k): f"L {v}" for k, v in _LPBA40_REGIONS.items()},
+    **{str(k + 1): f"R {v}" for k, v in _LPBA40_REGIONS.items()},
+    "181": "cerebellum",
+    "182": "brainstem",
+}
+"""The 56 LPBA40 structures (Shattuck et al. 2008, LONI): odd codes left, even codes right."""
+
 SUITES: dict[str, Suite] = {
     "lpba40-atlas": Suite(
         name="lpba40-atlas",
@@ -107,6 +128,7 @@ SUITES: dict[str, Suite] = {
         default_subjects=tuple(f"S{i}" for i in range(35, 41)),
         build=_lpba40_pairs,
         methods=_lpba40_methods,
+        label_names=LPBA40_LABEL_NAMES,
     ),
 }
 
