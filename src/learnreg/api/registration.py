@@ -28,6 +28,7 @@ from learnreg.optimize.classical import Progress, check_pair
 from learnreg.optimize.classical import register as classical_register
 from learnreg.optimize.config import INITS, ClassicalConfig
 from learnreg.optimize.config import preset as classical_preset
+from learnreg.optimize.masks import MetricMasks
 from learnreg.spatial.affine import AffineTransform
 from learnreg.spatial.result import RegistrationResult
 from learnreg.zoo.models import PretrainedModel, available_models, load_model, model_summary
@@ -203,15 +204,18 @@ class RegistrationPlan:
     refine: int = 0
     initial: AffineTransform | None = None
     init: str | None = None
+    fixed_mask: Image | None = None
+    moving_mask: Image | None = None
 
     def run(self, progress: Progress | None = None) -> Registration:
         t0 = time.perf_counter()
         f, m = self.fixed, self.moving
+        masks = {"fixed_mask": self.fixed_mask, "moving_mask": self.moving_mask}
         if self.model is None:
-            result = classical_register(f, m, self.config, self.initial, progress=progress)
+            result = classical_register(f, m, self.config, self.initial, progress, **masks)
         else:
             result = predict(
-                f, m, self.model, self.refine, progress, initial=self.initial, init=self.init
+                f, m, self.model, self.refine, progress, self.initial, self.init, **masks
             )
         result.info["seconds"] = time.perf_counter() - t0
         result.info["engine"] = self.why
@@ -228,6 +232,8 @@ def register(
     refine: int = 0,
     initial: InitialLike | None = None,
     init: str | None = None,
+    fixed_mask: ImageLike | None = None,
+    moving_mask: ImageLike | None = None,
     fixed_labels: ImageLike | None = None,
     moving_labels: ImageLike | None = None,
     progress: Progress | None = None,
@@ -247,6 +253,8 @@ def register(
         initial: starting affine (see :data:`InitialLike`); default: centres of mass.
         init: ``"com"`` or ``"search"`` (also a coarse search over rotations, for headers
             wrong by a large rotation); default: the configuration's (``com``).
+        fixed_mask, moving_mask: the similarity counts only voxels inside both (value > 0),
+            as ANTs' ``-x``; with a model, in its pre-alignment and refinement.
         fixed_labels, moving_labels: label maps, for Dice in :meth:`Registration.save`'s
             ``metrics.json``.
         progress: callback ``(stage, iteration, total, loss)``.
@@ -255,8 +263,9 @@ def register(
     Returns a :class:`Registration`; ``info["engine"]`` says which path ran and why.
     """
     plan = plan_registration(
-        fixed, moving, method, preset, config, refine, initial, init, fixed_labels, moving_labels
-    )
+        fixed, moving, method, preset, config, refine, initial, init,
+        fixed_mask, moving_mask, fixed_labels, moving_labels,
+    )  # fmt: skip
     if verbose:
         print(f"learnreg register: {plan.why}")
     return plan.run(progress)
@@ -271,6 +280,8 @@ def plan_registration(
     refine: int = 0,
     initial: InitialLike | None = None,
     init: str | None = None,
+    fixed_mask: ImageLike | None = None,
+    moving_mask: ImageLike | None = None,
     fixed_labels: ImageLike | None = None,
     moving_labels: ImageLike | None = None,
 ) -> RegistrationPlan:
@@ -288,6 +299,9 @@ def plan_registration(
     for lab, img in ((fl, f), (ml, m)):
         if lab is not None and not lab.grid.allclose(img.grid, atol=1e-3):
             raise InputError(f"{lab.name}: label map grid differs from its image {img.name}")
+    fmask = None if fixed_mask is None else as_image(fixed_mask, labels=True)
+    mmask = None if moving_mask is None else as_image(moving_mask, labels=True)
+    MetricMasks(f, m, fmask, mmask)  # checks them now, before any work
     check_pair(f, m)
     start = None if initial is None else as_initial(initial, f.ndim)
     model_path = Path(method) if _is_path(method) else None
@@ -298,7 +312,7 @@ def plan_registration(
             "--refine N (refine=N) refines a network's prediction: use it with a learned "
             f"model (--method NAME or --model PATH; in Python, its name or checkpoint); {why}"
         )
-    return RegistrationPlan(f, m, fl, ml, model, why, cfg, refine, start, init)
+    return RegistrationPlan(f, m, fl, ml, model, why, cfg, refine, start, init, fmask, mmask)
 
 
 def _is_path(method: str | Path) -> bool:

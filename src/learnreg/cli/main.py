@@ -98,6 +98,15 @@ def register(
     moving_labels: Annotated[
         Path | None, typer.Option(help="Label map of the moving image (warped and scored).")
     ] = None,
+    fixed_mask: Annotated[
+        Path | None,
+        typer.Option(
+            help="Mask of the fixed image: the metric counts only voxels inside (as ANTs -x)."
+        ),
+    ] = None,
+    moving_mask: Annotated[
+        Path | None, typer.Option(help="Mask of the moving image (carried along with it).")
+    ] = None,
     method: Annotated[
         str,
         typer.Option(
@@ -171,6 +180,8 @@ def register(
         refine=refine,
         initial=initial_transform,
         init=init,
+        fixed_mask=fixed_mask,
+        moving_mask=moving_mask,
         formats=output_format,
         threads=threads,
         seed=seed,

@@ -32,6 +32,8 @@ def run_register(
     refine: int = 0,
     initial: str | None = None,
     init: str | None = None,
+    fixed_mask: Path | None = None,
+    moving_mask: Path | None = None,
     formats: list[str] | None = None,
     threads: int | None = None,
     seed: int = 0,
@@ -51,6 +53,8 @@ def run_register(
         refine=refine,
         initial=None if initial is None else parse_transform_argument(initial),
         init=init,
+        fixed_mask=fixed_mask,
+        moving_mask=moving_mask,
         fixed_labels=fixed_labels_path,
         moving_labels=moving_labels_path,
     )

@@ -27,6 +27,7 @@ from learnreg.optimize.config import (
     similarity_terms,
 )
 from learnreg.optimize.initialize import center_of_mass, com_init, implausible_affine, search_init
+from learnreg.optimize.masks import MetricMasks
 from learnreg.optimize.pyramid import Pyramid, level_factor, normalize_intensity
 from learnreg.spatial.affine import AffineTransform
 from learnreg.spatial.displacement import DisplacementField
@@ -34,7 +35,6 @@ from learnreg.spatial.factory import create_transform
 from learnreg.spatial.fields import resize_displacement
 from learnreg.spatial.filters import gaussian_blur
 from learnreg.spatial.result import RegistrationResult
-from learnreg.spatial.sampling import sample
 from learnreg.spatial.svf import integrate_velocity
 
 __all__ = ["register", "check_pair", "Progress"]
@@ -52,6 +52,8 @@ def register(
     initial: AffineTransform | None = None,
     progress: Progress | None = None,
     initial_field: DisplacementField | None = None,
+    fixed_mask: Image | None = None,
+    moving_mask: Image | None = None,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` by iterative optimization.
 
@@ -64,10 +66,13 @@ def register(
             stage) in the fixed image's world space, e.g. a network's prediction, on any
             grid; the deformable stage optimizes a smooth residual added to it
             (refinement). It is applied before the affine, as the result's field is.
+        fixed_mask, moving_mask: restrict the similarity to voxels inside both (value > 0),
+            as ANTs' ``-x``; each on its image's world space (any grid).
     """
     cfg = preset(config) if isinstance(config, str) else config.validate()
     check_pair(fixed, moving)
     t0 = time.perf_counter()
+    masks = MetricMasks(fixed, moving, fixed_mask, moving_mask)
     with torch.enable_grad():
         f = Pyramid(normalize_intensity(fixed))
         m = Pyramid(normalize_intensity(moving))
@@ -78,16 +83,16 @@ def register(
             stage = cfg.linear[0] if cfg.linear else LinearStage("rigid")
             shrink = max(stage.shrink)
             sim = similarity_terms(stage, cfg)
-            matrix, start = search_init(f.level(shrink), m.level(shrink), sim)
+            matrix, start = search_init(f.level(shrink), m.level(shrink), sim, masks=masks)
         else:
             matrix = com_init(f.image, m.image)
         for stage in cfg.linear:
-            matrix = _linear_stage(f, m, matrix, stage, cfg, progress)
+            matrix = _linear_stage(f, m, matrix, stage, cfg, progress, masks)
         affine = AffineTransform(matrix)
         warnings = implausible_affine(matrix, hint=start["init"] == "com") if cfg.linear else []
         fwd = inv = None
         if cfg.deformable is not None:
-            fwd, inv = _svf_stage(f, m, affine, cfg.deformable, cfg, progress, initial_field)
+            fwd, inv = _svf_stage(f, m, affine, cfg.deformable, cfg, progress, initial_field, masks)
     info = {
         "method": "classical",
         "config": cfg.to_dict(),
@@ -138,6 +143,7 @@ def _linear_stage(
     stage: LinearStage,
     config: ClassicalConfig,
     progress: Progress | None,
+    masks: MetricMasks,
 ) -> torch.Tensor:
     frame = _normalizing_frame(fixed.image.grid, center_of_mass(fixed.image))
     frame_inv = torch.linalg.inv(frame)
@@ -155,8 +161,9 @@ def _linear_stage(
         target = fl.batch()
         for it in range(iters):
             opt.zero_grad(set_to_none=True)
-            warped = sample(ml.batch(), ml.grid.world_to_grid_sample(apply_matrix(total(), pts)))
-            loss = sim(target, warped)["total"]
+            coords = ml.grid.world_to_grid_sample(apply_matrix(total(), pts))
+            warped, weight = masks.sample(fl, ml, coords)
+            loss = sim(target, warped, **masks.overrides(weight))["total"]
             loss.backward()
             opt.step()
             if progress:
@@ -173,7 +180,9 @@ def _svf_stage(
     config: ClassicalConfig,
     progress: Progress | None,
     initial: DisplacementField | None = None,
+    masks: MetricMasks | None = None,
 ) -> tuple[DisplacementField, DisplacementField]:
+    masks = masks or MetricMasks(fixed.image, moving.image)
     sim = similarity_terms(stage, config)
     reg = regularization_terms(stage)
     diffeomorphic = stage.model == "svf"
@@ -209,8 +218,8 @@ def _svf_stage(
             v = base + gaussian_blur(param, stage.velocity_sigma)
             u = resize_displacement(exp(v), fl.grid.shape)
             mapped = pts + u.movedim(1, -1) @ to_world.T
-            warped = sample(ml.batch(), ml.grid.world_to_grid_sample(mapped))
-            loss = sim(target, warped)["total"] + reg(v)["total"]
+            warped, weight = masks.sample(fl, ml, ml.grid.world_to_grid_sample(mapped))
+            loss = sim(target, warped, **masks.overrides(weight))["total"] + reg(v)["total"]
             loss.backward()
             opt.step()
             if progress:

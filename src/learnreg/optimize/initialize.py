@@ -17,7 +17,7 @@ import torch
 from learnreg.core.grid import apply_matrix
 from learnreg.core.image import Image
 from learnreg.losses.terms import LossTerms
-from learnreg.spatial.sampling import sample
+from learnreg.optimize.masks import MetricMasks
 
 __all__ = [
     "center_of_mass",
@@ -94,6 +94,7 @@ def search_init(
     similarity: LossTerms,
     step: float | None = None,
     chunk: int = 64,
+    masks: MetricMasks | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """The best of :func:`rotation_candidates` about the centres of mass, by ``similarity``
     (lower is better) of ``moving`` resampled onto ``fixed``'s grid (give coarse images).
@@ -102,18 +103,21 @@ def search_init(
     fc, mc = center_of_mass(fixed), center_of_mass(moving)
     rotations = rotation_candidates(fixed.ndim, step)
     pts = fixed.grid.world_points(torch.float64)
-    target, source = fixed.batch().float(), moving.batch().float()
+    target = fixed.batch().float()
+    masks = masks or MetricMasks(fixed, moving)
     scores = []
     for start in range(0, len(rotations), chunk):
         mats = torch.stack([_about_centres(r, fc, mc) for r in rotations[start : start + chunk]])
         mapped = apply_matrix(mats, pts.reshape(1, -1, fixed.ndim).expand(len(mats), -1, -1))
         mapped = mapped.reshape(len(mats), *fixed.grid.shape, fixed.ndim)
-        warped = sample(
-            source.expand(len(mats), *source.shape[1:]),
-            moving.grid.world_to_grid_sample(mapped.float()),
+        warped, weight = masks.sample(
+            fixed, moving, moving.grid.world_to_grid_sample(mapped.float())
         )
         for k in range(len(mats)):
-            scores.append(float(similarity(target, warped[k : k + 1])["total"]))
+            w = None if weight is None else weight[k : k + 1]
+            scores.append(
+                float(similarity(target, warped[k : k + 1], **masks.overrides(w))["total"])
+            )
     best = int(np.argmin(scores))
     info = {
         "init": "search",

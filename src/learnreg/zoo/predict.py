@@ -75,12 +75,16 @@ def _refine(
     prealign: AffineTransform,
     iterations: int,
     progress: Progress | None,
+    masks: dict | None = None,
 ) -> tuple[RegistrationResult, dict]:
+    masks = masks or {}
     head, linear = split_linear(transform)
     start = compose_affine(prealign, linear)
     if head is None:
         cfg = refinement_config(model, fixed, grid, iterations, "affine")
-        return register(fixed, moving, cfg, initial=start, progress=progress), cfg.to_dict()
+        return register(
+            fixed, moving, cfg, initial=start, progress=progress, **masks
+        ), cfg.to_dict()
     if isinstance(head, StationaryVelocityField):
         kind, field = "svf", DisplacementField(head.grid, head.velocity[:1])
     elif isinstance(head, DisplacementField):
@@ -89,7 +93,9 @@ def _refine(
         with torch.no_grad():
             kind, field = "displacement", DisplacementField(grid, head.voxel_displacement(grid))
     cfg = refinement_config(model, fixed, grid, iterations, kind)
-    result = register(fixed, moving, cfg, initial=start, progress=progress, initial_field=field)
+    result = register(
+        fixed, moving, cfg, initial=start, progress=progress, initial_field=field, **masks
+    )
     return result, cfg.to_dict()
 
 
@@ -101,11 +107,16 @@ def predict(
     progress: Progress | None = None,
     initial: AffineTransform | None = None,
     init: str | None = None,
+    fixed_mask: Image | None = None,
+    moving_mask: Image | None = None,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` with ``model`` (+ ``refine`` optimization steps).
 
     ``initial`` (world, fixed→moving) starts the model's pre-alignment, or replaces it when
-    the model has none; ``init`` (``com``/``search``) overrides the pre-alignment's start."""
+    the model has none; ``init`` (``com``/``search``) overrides the pre-alignment's start.
+    ``fixed_mask``/``moving_mask`` restrict the similarity of the pre-alignment and the
+    refinement (the network sees whole images)."""
+    masks = {"fixed_mask": fixed_mask, "moving_mask": moving_mask}
     if refine < 0:
         raise ValueError(f"refine must be >= 0, got {refine}")
     check_pair(fixed, moving)
@@ -114,7 +125,9 @@ def predict(
     if model.prealign is not None:
         cfg = preset(model.prealign)
         cfg.init = init or cfg.init
-        affine = register(fixed, moving, cfg.validate(), initial, progress=progress).linear()
+        affine = register(
+            fixed, moving, cfg.validate(), initial, progress=progress, **masks
+        ).linear()
     else:
         affine = initial if initial is not None else AffineTransform.identity(fixed.ndim)
     timings["prealign"] = time.perf_counter() - t0
@@ -139,7 +152,7 @@ def predict(
     t2 = time.perf_counter()
     if refine:
         result, info["refinement"] = _refine(
-            fixed, moving, model, grid, out.transform, affine, refine, progress
+            fixed, moving, model, grid, out.transform, affine, refine, progress, masks
         )
         result.info = info
     else:
