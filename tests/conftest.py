@@ -31,10 +31,13 @@ def _one_thread_and_seeded():
     thread than on two). numpy randomness is always an explicit ``default_rng(seed)``."""
     import torch
 
+    from learnreg.core.locale_guard import keep_locale
+
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    yield
+    with keep_locale():  # ITK's DICOM writer sets the C locale process-wide
+        yield
     torch.set_num_threads(n)
 
 

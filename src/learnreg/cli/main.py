@@ -139,8 +139,10 @@ def register(
     output_format: Annotated[
         list[str],
         typer.Option(
-            help="Transform files to write: ants (affine.mat + warp.nii.gz, always written) "
-            "and h5 (ITK composite transform.h5 + inverse_transform.h5). Repeatable."
+            help="Transform files to write: ants (affine.mat + warp.nii.gz, always written), "
+            "h5 (ITK composite transform.h5 + inverse_transform.h5), fsl (FLIRT "
+            "affine_flirt.mat) and lta (FreeSurfer affine.lta; both the affine part only, "
+            "3D, need nitransforms). Repeatable."
         ),
     ] = ["ants"],  # noqa: B006 - typer reads the default, nothing mutates it
     threads: Annotated[

@@ -32,6 +32,7 @@ from learnreg.core.errors import InputError
 from learnreg.core.files import atomic_write
 from learnreg.core.grid import Grid
 from learnreg.core.image import Image
+from learnreg.core.locale_guard import keep_locale
 
 __all__ = [
     "read_image",
@@ -279,6 +280,7 @@ def _read_nifti_array(path: Path, labels: bool, dtype: torch.dtype | None):
     return arr, affine
 
 
+@keep_locale()
 def _read_sitk(path: Path):
     import SimpleITK as sitk
 
@@ -535,7 +537,8 @@ def write_image(
         sitk_img = to_sitk_image(image.with_data(torch.from_numpy(np.ascontiguousarray(arr))))
         with atomic_write(path) as tmp:
             try:
-                sitk.WriteImage(sitk_img, str(tmp))
+                with keep_locale():
+                    sitk.WriteImage(sitk_img, str(tmp))
             except RuntimeError as e:
                 raise InputError(f"{path}: cannot write image ({_short(e)})") from None
     return path

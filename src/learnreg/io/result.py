@@ -15,6 +15,7 @@ the other way: ``-r moving -i fixed -t affine_inverse.mat -t inverse_warp.nii.gz
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -26,6 +27,7 @@ from learnreg import __version__
 from learnreg.core.errors import InputError
 from learnreg.core.files import atomic_write
 from learnreg.core.grid import Grid
+from learnreg.io.foreign import FOREIGN_FORMATS, write_foreign_affine
 from learnreg.io.transforms import (
     read_affine,
     read_displacement,
@@ -45,6 +47,8 @@ __all__ = [
     "FORMATS",
 ]
 
+log = logging.getLogger(__name__)
+
 FILES = {
     "affine": "affine.mat",
     "affine_inverse": "affine_inverse.mat",
@@ -53,10 +57,12 @@ FILES = {
     "composite": "transform.h5",
     "composite_inverse": "inverse_transform.h5",
 }
-FORMATS = ("ants", "h5")
+FORMATS = ("ants", "h5", "fsl", "lta")
 """Transform file sets: ``ants`` (affine ``.mat`` + displacement NIfTI, always written: it is
-what :func:`load_result` reads) and ``h5`` (one ITK composite ``.h5`` per direction, as
-niprep-style pipelines pass transforms)."""
+what :func:`load_result` reads), ``h5`` (one ITK composite ``.h5`` per direction, as
+niprep-style pipelines pass transforms), ``fsl`` (FLIRT ``affine_flirt.mat``) and ``lta``
+(FreeSurfer ``affine.lta``) — those two hold the affine part only (3D; through
+nitransforms, :mod:`learnreg.io.foreign`)."""
 
 
 @contextmanager
@@ -95,6 +101,18 @@ def save_result(
     if unknown:
         raise ValueError(f"unknown transform formats {sorted(unknown)}; expected {FORMATS}")
     files: dict[str, str] = {}
+    if result.deformable is not None and {"fsl", "lta"} & set(formats):
+        log.warning(
+            "FSL and LTA files hold the affine part only; the deformable part is in "
+            "warp.nii.gz (and transform.h5 with --output-format h5)"
+        )
+    for fmt in ("fsl", "lta"):
+        if fmt in formats:
+            name = FOREIGN_FORMATS[fmt][1]
+            write_foreign_affine(
+                folder / name, result.linear(), result.fixed_grid, result.moving_grid, fmt
+            )
+            files[f"affine_{fmt}"] = name
     if "h5" in formats:
         write_transform(folder / FILES["composite"], result.transform(), grid=result.fixed_grid)
         files["composite"] = FILES["composite"]

@@ -50,6 +50,7 @@ import torch
 
 from learnreg.core.errors import InputError
 from learnreg.core.grid import Grid
+from learnreg.core.locale_guard import keep_locale
 from learnreg.io.images import (
     _lps_flip,
     _short,
@@ -265,6 +266,7 @@ def as_displacement(transform: SpatialTransform, grid: Grid) -> DisplacementFiel
 
 
 # ---------------------------------------------------------------------------- affine files
+@keep_locale()
 def write_affine(path: PathLike, transform: AffineTransform | torch.Tensor | np.ndarray) -> Path:
     """Write an affine as an ITK transform file (LPS), atomically.
 
@@ -289,6 +291,7 @@ def write_affine(path: PathLike, transform: AffineTransform | torch.Tensor | np.
     return path
 
 
+@keep_locale()
 def _read_sitk_transform(path: PathLike, allowed: tuple[str, ...], what: str):
     import SimpleITK as sitk
 
@@ -321,6 +324,7 @@ def read_affine(path: PathLike, *, invert: bool = False) -> AffineTransform:
 
 
 # ---------------------------------------------------------------------------- fields
+@keep_locale()
 def write_displacement(
     path: PathLike,
     field: DisplacementField | SpatialTransform,
@@ -358,6 +362,7 @@ def write_displacement(
     return path
 
 
+@keep_locale()
 def read_displacement(path: PathLike) -> DisplacementField:
     """Read an ITK/ANTs displacement field (LPS vectors in mm), e.g. ANTs' ``1Warp.nii.gz``."""
     import SimpleITK as sitk
@@ -415,6 +420,7 @@ def read_transforms(paths: Sequence[PathLike | tuple[PathLike, bool]]) -> Transf
     return TransformChain(ts)
 
 
+@keep_locale()
 def write_transform(
     path: PathLike, transform: SpatialTransform, *, grid: Grid | None = None
 ) -> Path:
