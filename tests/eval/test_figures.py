@@ -8,6 +8,7 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy import ndimage
 
@@ -138,3 +139,40 @@ def test_qc_figure_written_atomically(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         qc_figure(img, img, img, tmp_path / "new.png")
     assert not (tmp_path / "new.png").exists()
+
+
+def _captured(monkeypatch) -> list:
+    import learnreg.eval.figures as figures
+
+    figs: list = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, path, dpi=100: figs.append(fig) or path)
+    return figs
+
+
+def test_2d_shown_as_viewers_show_it_with_titles_that_fit(tmp_path, monkeypatch):
+    figs = _captured(monkeypatch)
+    img = np.zeros((40, 30))
+    img[:5, :5] = 1.0  # i < 5 (columns), j < 5 (rows): a viewer's top-left corner
+    title = "a/very/long/path/to/the/moving/image/sub-01_ses-02_T1w.nii.gz → " * 3
+    qc_figure(img, img, img, tmp_path / "q.png", title=title)
+    fig = figs[0]
+    ax = fig.axes[0]
+    assert ax.images[0].origin == "upper"
+    bottom, top = ax.get_ylim()
+    assert bottom > top  # row 0 at the top
+    shown = ax.images[0].get_array()
+    assert shown[:5, :5].min() == 1.0 and shown.shape == (30, 40)  # rows × columns
+    FigureCanvasAgg(fig).draw()
+    box = fig._suptitle.get_window_extent()
+    assert "\n" in fig._suptitle.get_text() and box.x0 >= 0 and box.x1 <= fig.bbox.x1
+
+
+def test_multimodal_pairs_get_an_edge_overlay(tmp_path, monkeypatch):
+    from learnreg.optimize.config import is_multimodal, preset
+
+    figs = _captured(monkeypatch)
+    img = _smooth((48, 40), 0)
+    qc_figure(img, img, img, tmp_path / "q.png", multimodal=True)
+    titles = [a.get_title() for a in figs[0].axes]
+    assert any("fixed edges" in t for t in titles) and not any("|fixed" in t for t in titles)
+    assert is_multimodal(preset("multimodal").to_dict()) and not is_multimodal(preset("default"))

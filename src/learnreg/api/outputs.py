@@ -14,6 +14,7 @@ from learnreg.io.images import write_image
 from learnreg.io.result import save_result, write_json
 from learnreg.losses import functional as L
 from learnreg.metrics import score_result
+from learnreg.optimize.config import is_multimodal
 from learnreg.spatial.result import RegistrationResult
 from learnreg.spatial.sampling import resample
 
@@ -78,8 +79,9 @@ def write_outputs(
             if result.deformable is None
             else result.deformable.voxel_field()[0].numpy(),
             jacobian=jac.numpy() if result.deformable is not None else None,
-            title=f"{moving.name} → {fixed.name}",
+            title=f"{Path(moving.name).name} → {Path(fixed.name).name}",
             grid=fixed.grid,
+            multimodal=is_multimodal(result.info.get("config")),
         )
     write_json(folder / "metrics.json", metrics)
     return metrics

@@ -1,13 +1,16 @@
 """Quality-control figures of a registration (matplotlib, Agg, no pyplot state).
 
-Arrays are in index order ``(i, j[, k])`` on the fixed grid. Pass the fixed ``grid`` so that
-slices are reoriented to the closest RAS axes (right, anterior, superior shown right, up,
-up); without it the index axes are assumed to point R, A, S already.
+Arrays are in index order ``(i, j[, k])`` on the fixed grid. 3D: pass the fixed ``grid`` so
+that slices are reoriented to the closest RAS axes (right, anterior, superior shown right, up,
+up); without it the index axes are assumed to point R, A, S already. 2D images are shown as
+image viewers show them: index ``i`` (columns) to the right, ``j`` (rows) downwards, row 0 at
+the top.
 """
 
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +124,21 @@ def _reorient(a: np.ndarray, perm: list[int], flips: list[bool], vector: bool = 
     return np.ascontiguousarray(a)
 
 
+def _edges(a: np.ndarray, fraction: float = 0.12) -> np.ndarray:
+    """The strongest ``fraction`` of gradient magnitudes (Sobel) of a 2D slice."""
+    g = np.hypot(ndimage.sobel(a, axis=0), ndimage.sobel(a, axis=1))
+    positive = g[g > 0]
+    if positive.size == 0:
+        return np.zeros(a.shape, dtype=bool)
+    return g >= np.quantile(positive, 1.0 - fraction)
+
+
+def _wrapped(text: str, width_inches: float, fontsize: float) -> str:
+    """``text`` broken into lines that fit ``width_inches`` at ``fontsize`` points."""
+    chars = max(20, int(width_inches * 72 / (0.6 * fontsize)))
+    return "\n".join(textwrap.wrap(text, chars)) or text
+
+
 def _robust_range(a: np.ndarray) -> tuple[float, float]:
     lo, hi = np.percentile(a, [0.5, 99.5])
     return (float(lo), float(hi)) if hi > lo else (float(a.min()), float(a.max()) + 1e-6)
@@ -163,6 +181,7 @@ def qc_figure(
     grid_step: int | None = None,
     tiles: int = 8,
     dpi: int = 120,
+    multimodal: bool = False,
 ) -> Path:
     """Write a QC figure of one registration to ``path`` (atomically) and return the path.
 
@@ -179,6 +198,8 @@ def qc_figure(
         grid: the fixed grid, for orientation and voxel aspect (default: RAS, 1 mm).
         slices: index ``(i, j, k)`` of the displayed slices (3D; default central).
         grid_step: deformation-grid spacing in voxels (default about 1/24 of the extent).
+        multimodal: the images' intensities are not comparable (MR vs US, T1 vs T2): the
+            difference panel becomes the fixed image's edges over the warped moving image.
 
     3D: one row per panel (fixed, moving, warped, checkerboard, |fixed - warped| (each normalized), grid,
     det J), columns axial / coronal / sagittal. 2D: the same panels, four per row.
@@ -191,7 +212,11 @@ def qc_figure(
     for k, v in imgs.items():
         if v.shape != f.shape:
             raise ValueError(f"{k} image shape {v.shape} != fixed shape {f.shape}")
-    perm, flips, spacing = _orientation(grid, nd)
+    if nd == 2:  # as image viewers: index axes as stored, row 0 at the top
+        perm, flips = [0, 1], [False, False]
+        spacing = list(grid.spacing) if grid is not None else [1.0, 1.0]
+    else:
+        perm, flips, spacing = _orientation(grid, nd)
     imgs = {k: _reorient(v, perm, flips) for k, v in imgs.items()}
     disp = None
     if displacement is not None:
@@ -240,7 +265,9 @@ def qc_figure(
         ("moving", "moving (on fixed grid, before warp)"),
         ("warped", "warped moving"),
         ("checker", f"checkerboard fixed / warped ({tiles}×{tiles})"),
-        ("diff", "|fixed − warped| (each normalized to [0, 1])"),
+        ("edges", "fixed edges (yellow) over warped moving")
+        if multimodal
+        else ("diff", "|fixed − warped| (each normalized to [0, 1])"),
     ]
     if disp is not None:
         panels.append(("grid", f"deformed grid (every {step} voxels)"))
@@ -251,12 +278,20 @@ def qc_figure(
     def draw(ax: Axes, kind: str, view: _View):
         h, v = view.axes
         sl = view.index
-        extent = (-0.5, shape[h] - 0.5, -0.5, shape[v] - 0.5)
+        down = nd == 2  # a 2D image's rows go downwards, as in viewers
+        extent = (-0.5, shape[h] - 0.5) + (
+            (shape[v] - 0.5, -0.5) if down else (-0.5, shape[v] - 0.5)
+        )
         aspect = view.spacing[1] / view.spacing[0]
 
         def show(a2d, **kw):  # a2d is (horizontal, vertical): h < v in every view
             return ax.imshow(
-                a2d.T, origin="lower", extent=extent, aspect=aspect, interpolation="nearest", **kw
+                a2d.T,
+                origin="upper" if down else "lower",
+                extent=extent,
+                aspect=aspect,
+                interpolation="nearest",
+                **kw,
             )
 
         m = None
@@ -276,6 +311,10 @@ def qc_figure(
             )
         elif kind == "diff":
             m = show(diff[sl], cmap="magma", vmin=0, vmax=dmax)
+        elif kind == "edges":
+            m = show(norm01["warped"][sl], cmap="gray", vmin=0, vmax=1)
+            e = _edges(norm01["fixed"][sl])
+            show(np.ma.masked_where(~e, e), cmap=ListedColormap(["#ffd400"]), alpha=0.9)
         elif kind == "grid":
             show(norm01["fixed"][sl], cmap="gray", vmin=0, vmax=1, alpha=0.25)
             u2 = disp[(slice(None), *sl)][[h, v]]
@@ -305,10 +344,11 @@ def qc_figure(
             )
         for r, axis in ((h, ax.xaxis), (v, ax.yaxis)):
             name = "ijk"[perm[r]]
-            named = nd == 3 or grid is not None
-            axis.set_label_text(
-                f"{_AXIS_NAMES[r]} → ({name}, voxels)" if named else name, fontsize=7
-            )
+            if nd == 2:
+                text = f"{name} (column) →" if r == 0 else f"{name} (row) ↓"
+            else:
+                text = f"{_AXIS_NAMES[r]} → ({name}, voxels)"
+            axis.set_label_text(text, fontsize=7)
             if flips[r]:  # ticks show the original index along a flipped axis
                 axis.set_major_formatter(FuncFormatter(lambda x, _, n=shape[r]: f"{n - 1 - x:g}"))
         ax.tick_params(labelsize=6)
@@ -347,7 +387,7 @@ def qc_figure(
         for n, (kind, label) in enumerate(panels):
             ax = fig.add_subplot(nrow, ncol, n + 1)
             m = draw(ax, kind, views[0])
-            ax.set_title(label, fontsize=8, fontweight="bold")
+            ax.set_title(_wrapped(label, 2.6, 8), fontsize=8, fontweight="bold")
             if m is not None:
                 cb = fig.colorbar(
                     m,
@@ -358,6 +398,6 @@ def qc_figure(
                 )
                 cb.set_label(cb_labels.get(kind, "intensity"), fontsize=7)
                 cb.ax.tick_params(labelsize=6)
-    if title:
-        fig.suptitle(title, fontsize=11)
+    if title:  # wrapped to the figure's width: a long title is never clipped
+        fig.suptitle(_wrapped(title, fig.get_figwidth() * 0.95, 11), fontsize=11)
     return save_figure(fig, path, dpi)

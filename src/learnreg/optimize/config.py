@@ -31,6 +31,7 @@ __all__ = [
     "preset",
     "similarity_terms",
     "regularization_terms",
+    "is_multimodal",
 ]
 
 LINEAR_MODELS = ("rigid", "similarity", "affine")
@@ -210,3 +211,21 @@ def preset(name: str) -> ClassicalConfig:
     """A named preset: ``default`` (same modality, LNCC), ``multimodal`` (MI), ``affine``, ``rigid``."""
     check_option("preset", name, sorted(PRESETS))
     return PRESETS[name]().validate()
+
+
+_MULTIMODAL_METRICS = {"mi", "nmi", "mutual_information"}
+
+
+def is_multimodal(config: ClassicalConfig | dict | None) -> bool:
+    """Whether a classical configuration (or its ``to_dict``) measures similarity by mutual
+    information anywhere — the images' intensities are then not comparable."""
+    if config is None:
+        return False
+    d = config.to_dict() if isinstance(config, ClassicalConfig) else config
+    stages = list(d.get("linear") or []) + ([d["deformable"]] if d.get("deformable") else [])
+    for stage in stages:
+        metric = stage.get("metric")
+        names = {metric} if isinstance(metric, str) else set(metric or {})
+        if names & _MULTIMODAL_METRICS:
+            return True
+    return False

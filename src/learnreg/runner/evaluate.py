@@ -125,6 +125,7 @@ def _evaluate_into(rec: dict, method: Method, pair: Pair, outdir: Path, qc: bool
     rec.update({k: v for k, v in scores.items() if k in RECORD_KEYS})
     if qc:
         from learnreg.eval.figures import qc_figure
+        from learnreg.optimize.config import is_multimodal
         from learnreg.spatial.sampling import resample
 
         grid = inp.fixed.grid
@@ -144,6 +145,7 @@ def _evaluate_into(rec: dict, method: Method, pair: Pair, outdir: Path, qc: bool
             else (inp.fixed_labels.data[0].numpy(), warped_labels.data[0].numpy()),
             title=_qc_title(method.name, pair, rec),
             grid=grid,
+            multimodal=is_multimodal(result.info.get("config")),
         )
         rec["qc_png"] = rel.as_posix()
 
