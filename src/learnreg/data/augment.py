@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from learnreg.core.grid import Grid
 from learnreg.data.preprocess import sample_labels_index
 from learnreg.spatial.filters import gaussian_blur
 from learnreg.spatial.linear import rotation_matrix
@@ -92,10 +93,9 @@ def random_displacement(
     trans = _uniform(generator, d, config.translation)
     noise = torch.randn((1, d, *shape), generator=generator) if config.elastic > 0 else None
     lin = rotation_matrix(omega.unsqueeze(0))[0] @ torch.diag(scale)  # (D, D) float64
-    pts = torch.stack(
-        torch.meshgrid(*[torch.arange(s, dtype=torch.float64) for s in shape], indexing="ij"), -1
-    )
-    centre = torch.tensor([(s - 1) / 2 for s in shape], dtype=torch.float64)
+    grid = Grid(tuple(shape))
+    pts = grid.index_points(torch.float64)
+    centre = torch.tensor(grid.index_center, dtype=torch.float64)
     mapped = (pts - centre) @ lin.T + centre + trans
     u = (mapped - pts).movedim(-1, 0).unsqueeze(0).to(torch.float32)
     if noise is not None:
@@ -150,13 +150,7 @@ class Augmenter:
             u = random_displacement(shape, cfg, generator).to(image.device)
             image = warp(image.unsqueeze(0), u.to(image.dtype), "linear", "zeros")[0]
             if labels is not None:
-                pts = torch.stack(
-                    torch.meshgrid(
-                        *[torch.arange(s, device=u.device, dtype=torch.float32) for s in shape],
-                        indexing="ij",
-                    ),
-                    -1,
-                )
+                pts = Grid(shape).index_points(torch.float32, u.device)
                 pts = pts.unsqueeze(0) + u.movedim(1, -1)
                 labels = sample_labels_index(labels.unsqueeze(0), pts)[0]
         if cfg.intensity:
