@@ -338,3 +338,32 @@ def test_ants_outputs_and_ants_method(small, tmp_path):
     assert aff["error"] is None, aff["error"]
     assert aff["method"] == "ants:Affine" and aff["seconds"] > 0
     assert aff["dice_mean"] > _identity_dice(small, "S36") + 0.01
+
+
+def test_threads_travel_to_isolated_workers(tmp_path, monkeypatch):
+    """--threads reaches the worker process's command line, and the worker applies it."""
+    seen = {}
+
+    class Done:
+        returncode, stdout, stderr = 1, "", "stopped here"
+
+    def fake_run(cmd, **kw):
+        seen["cmd"] = cmd
+        return Done()
+
+    monkeypatch.setattr(ev.subprocess, "run", fake_run)
+    pair = Pair.from_dict(
+        {
+            "name": "m_to_f",
+            "fixed": str(tmp_path / "f.nii.gz"),
+            "moving": str(tmp_path / "m.nii.gz"),
+        }
+    )
+    rec = ev._run_isolated("classical:affine", pair, tmp_path, qc=False, threads=3)
+    assert seen["cmd"][-2:] == ["--threads", "3"] and "stopped here" in rec["error"]
+    n = torch.get_num_threads()
+    ev._worker(["--worker", "--method", "nope:x", "--pair", json.dumps(pair.to_dict()),
+                "--outdir", str(tmp_path), "--record", str(tmp_path / "r.json"), "--threads", "2"])  # fmt: skip
+    assert torch.get_num_threads() == 2
+    torch.set_num_threads(n)
+    assert "nope" in json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))["error"]

@@ -64,6 +64,10 @@ def register_command(app: typer.Typer) -> None:
                 "FreeSurfer LUT, or CSV/TSV of code,name."
             ),
         ] = None,
+        threads: Annotated[
+            int | None, typer.Option(help="CPU threads of each registration (default: torch's).")
+        ] = None,
+        seed: Annotated[int, typer.Option(help="Seed of every random generator used.")] = 0,
         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     ) -> None:
         """Evaluate registration methods on pairs: Dice, HD95, TRE, folding, ICE, time.
@@ -72,7 +76,7 @@ def register_command(app: typer.Typer) -> None:
         """
         run_evaluate(
             method, output, pairs, atlas, atlas_labels, moving_dir, labels_dir, pattern,
-            resume, isolate, quiet, label_names,
+            resume, isolate, quiet, label_names, threads, seed,
         )  # fmt: skip
 
     @app.command()
@@ -110,10 +114,17 @@ def register_command(app: typer.Typer) -> None:
                 "FreeSurfer LUT, or CSV/TSV of code,name."
             ),
         ] = None,
+        threads: Annotated[
+            int | None, typer.Option(help="CPU threads of each registration (default: torch's).")
+        ] = None,
+        seed: Annotated[int, typer.Option(help="Seed of every random generator used.")] = 0,
         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     ) -> None:
         """Run a named benchmark suite and write its report."""
-        run_benchmark(suite, output, data, subjects, method, resume, isolate, quiet, label_names)
+        run_benchmark(
+            suite, output, data, subjects, method, resume, isolate, quiet, label_names,
+            threads, seed,
+        )  # fmt: skip
 
 
 def _split(values: list[str] | None) -> list[str]:
@@ -137,11 +148,15 @@ def run_evaluate(
     isolate: bool = False,
     quiet: bool = False,
     label_names: Path | None = None,
+    threads: int | None = None,
+    seed: int = 0,
 ) -> list[dict]:
+    from learnreg.cli.runtime import configure
     from learnreg.data.datasets import atlas_folder_pairs, pairs_from_csv
     from learnreg.io.label_names import read_label_names
     from learnreg.runner.evaluate import evaluate
 
+    configure(threads, seed)
     names = read_label_names(label_names) if label_names is not None else None
     if pairs_csv is not None and (atlas is not None or moving_dir is not None):
         raise InputError("give either --pairs CSV or --atlas/--moving-dir, not both")
@@ -157,7 +172,7 @@ def run_evaluate(
         raise InputError("give at least one --method (e.g. classical:default)")
     records = evaluate(
         methods, pairs, output, resume=resume, isolate=isolate, progress=not quiet,
-        label_names=names,
+        label_names=names, threads=threads,
     )  # fmt: skip
     _print_summary(records, output)
     return records
@@ -173,18 +188,22 @@ def run_benchmark(
     isolate: bool = True,
     quiet: bool = False,
     label_names: Path | None = None,
+    threads: int | None = None,
+    seed: int = 0,
 ) -> list[dict]:
+    from learnreg.cli.runtime import configure
     from learnreg.io.label_names import read_label_names
     from learnreg.runner.evaluate import evaluate
     from learnreg.runner.suites import get_suite
 
+    configure(threads, seed)
     suite = get_suite(suite_name)
     names = read_label_names(label_names) if label_names is not None else suite.label_names
     pairs = suite.pairs(data, _split(subjects) or None)
     methods = list(methods or suite.default_methods())
     records = evaluate(
         methods, pairs, output, resume=resume, isolate=isolate, progress=not quiet,
-        label_names=names,
+        label_names=names, threads=threads,
     )  # fmt: skip
     _print_summary(records, output, title=f"{suite.name}: {suite.description}")
     return records

@@ -226,6 +226,9 @@ def apply(
     points_space: Annotated[
         str, typer.Option(help="Coordinate system of point CSVs: RAS or LPS (ANTs).")
     ] = "RAS",
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads (default: torch's choice).")
+    ] = None,
 ) -> None:
     """Warp images, label maps and point sets with a saved result, in either direction, or
     with ANTs/ITK transform files (``-t warp -t affine -r fixed``, as antsApplyTransforms).
@@ -238,7 +241,9 @@ def apply(
             param_hint="'RESULT INPUT...'",
         )
     from learnreg.cli.apply import run_apply
+    from learnreg.cli.runtime import configure
 
+    configure(threads)
     run_apply(args, output, inverse, labels, points_space, transform, reference)
 
 

@@ -189,7 +189,9 @@ def _save(path: Path, rec: dict) -> None:
     write_json(path, rec)
 
 
-def _run_isolated(spec: str, pair: Pair, outdir: Path, qc: bool) -> dict:
+def _run_isolated(
+    spec: str, pair: Pair, outdir: Path, qc: bool, threads: int | None = None
+) -> dict:
     """Evaluate in a fresh interpreter so that peak memory is this pair's own."""
     method_name = resolve_method(spec).name
     with tempfile.TemporaryDirectory(prefix="learnreg-eval-") as tmp:
@@ -201,6 +203,8 @@ def _run_isolated(spec: str, pair: Pair, outdir: Path, qc: bool) -> dict:
         ]  # fmt: skip
         if not qc:
             cmd.append("--no-qc")
+        if threads is not None:
+            cmd += ["--threads", str(threads)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode == 0 and out.is_file():
             return json.loads(out.read_text(encoding="utf-8"))
@@ -225,6 +229,7 @@ def evaluate(
     qc: bool = True,
     report: bool = True,
     label_names: Mapping[str, str] | None = None,
+    threads: int | None = None,
 ) -> list[dict]:
     """Evaluate every method on every pair; write records, QC figures and the report.
 
@@ -239,6 +244,7 @@ def evaluate(
         progress: rich progress bar on stderr.
         report: finish with ``learnreg.eval.report.write_report(records, outdir)``.
         label_names: structure names (label code → name) for the report's figures and tables.
+        threads: torch CPU threads of each registration (default: torch's choice).
 
     Returns the records, method by method in the order given, pairs in order.
     """
@@ -271,7 +277,7 @@ def evaluate(
                 if rec is None:
                     step(f"{method.name} · {pair.name}", advance=0)
                     if isolate:
-                        rec = _run_isolated(spec, pair, outdir, qc)
+                        rec = _run_isolated(spec, pair, outdir, qc, threads)
                     else:
                         rec = evaluate_pair(method, pair, outdir, qc)
                     _save(path, rec)
@@ -333,7 +339,12 @@ def _worker(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--outdir", required=True)
     p.add_argument("--record", required=True)
     p.add_argument("--no-qc", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
+    if a.threads is not None:
+        import torch
+
+        torch.set_num_threads(a.threads)
     pair = Pair.from_dict(json.loads(a.pair))
     try:
         method = resolve_method(a.method)
