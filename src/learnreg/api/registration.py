@@ -227,6 +227,31 @@ def register(
     moving: ImageLike,
     method: str | Path = "auto",
     *,
+    progress: Progress | None = None,
+    verbose: bool = False,
+    **options: Any,
+) -> Registration:
+    """Register ``moving`` to ``fixed``, as ``learnreg register`` does:
+    ``plan_registration(fixed, moving, method, **options).run(progress)``.
+
+    ``options`` are :func:`plan_registration`'s: ``preset``, ``config``, ``refine``,
+    ``initial``, ``init``, ``fixed_mask``, ``moving_mask``, ``fixed_labels``,
+    ``moving_labels``. ``progress`` is called ``(stage, iteration, total, loss)``;
+    ``verbose`` prints which path runs and why before it runs.
+
+    Returns a :class:`Registration`; ``info["engine"]`` says which path ran and why.
+    """
+    plan = plan_registration(fixed, moving, method, **options)
+    if verbose:
+        print(f"learnreg register: {plan.why}")
+    return plan.run(progress)
+
+
+def plan_registration(
+    fixed: ImageLike,
+    moving: ImageLike,
+    method: str | Path = "auto",
+    *,
     preset: str = "default",
     config: ClassicalConfig | dict | str | Path | None = None,
     refine: int = 0,
@@ -236,10 +261,9 @@ def register(
     moving_mask: ImageLike | None = None,
     fixed_labels: ImageLike | None = None,
     moving_labels: ImageLike | None = None,
-    progress: Progress | None = None,
-    verbose: bool = False,
-) -> Registration:
-    """Register ``moving`` to ``fixed``, as ``learnreg register`` does.
+) -> RegistrationPlan:
+    """Read and check everything a registration is given and choose its path, without
+    registering (:func:`register` runs the plan).
 
     Args:
         fixed, moving: paths, nibabel / SimpleITK / ANTsPy images, or ``(array, affine)``.
@@ -257,36 +281,7 @@ def register(
             as ANTs' ``-x``; with a model, in its pre-alignment and refinement.
         fixed_labels, moving_labels: label maps, for Dice in :meth:`Registration.save`'s
             ``metrics.json``.
-        progress: callback ``(stage, iteration, total, loss)``.
-        verbose: print which path runs and why before it runs.
-
-    Returns a :class:`Registration`; ``info["engine"]`` says which path ran and why.
     """
-    plan = plan_registration(
-        fixed, moving, method, preset, config, refine, initial, init,
-        fixed_mask, moving_mask, fixed_labels, moving_labels,
-    )  # fmt: skip
-    if verbose:
-        print(f"learnreg register: {plan.why}")
-    return plan.run(progress)
-
-
-def plan_registration(
-    fixed: ImageLike,
-    moving: ImageLike,
-    method: str | Path = "auto",
-    preset: str = "default",
-    config: ClassicalConfig | dict | str | Path | None = None,
-    refine: int = 0,
-    initial: InitialLike | None = None,
-    init: str | None = None,
-    fixed_mask: ImageLike | None = None,
-    moving_mask: ImageLike | None = None,
-    fixed_labels: ImageLike | None = None,
-    moving_labels: ImageLike | None = None,
-) -> RegistrationPlan:
-    """Read and check everything :func:`register` is given and choose its path, without
-    registering (arguments as :func:`register`'s)."""
     if refine < 0:
         raise InputError(f"refine must be >= 0, got {refine}")
     cfg = _classical_config(preset, config)

@@ -16,6 +16,30 @@ from learnreg.core.errors import InputError
 __all__ = ["register_command", "results_table", "run_evaluate", "run_benchmark"]
 
 
+# options that evaluate and benchmark share
+Resume = Annotated[
+    bool, typer.Option("--resume/--no-resume", help="Reuse finished pairs' records.")
+]
+Isolate = Annotated[
+    bool,
+    typer.Option(
+        "--isolate/--no-isolate", help="One process per (method, pair): peak memory is its own."
+    ),
+]
+LabelNames = Annotated[
+    Path | None,
+    typer.Option(
+        help="Structure names for figures and reports: ITK-SNAP label file, FreeSurfer LUT, "
+        "or CSV/TSV of code,name."
+    ),
+]
+Threads = Annotated[
+    int | None, typer.Option(help="CPU threads of each registration (default: torch's).")
+]
+Seed = Annotated[int, typer.Option(help="Seed of every random generator used.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+
+
 def register_command(app: typer.Typer) -> None:
     """Add ``evaluate`` and ``benchmark`` to a Typer app."""
 
@@ -47,28 +71,12 @@ def register_command(app: typer.Typer) -> None:
             Path | None, typer.Option(help="Folder of moving label maps, same file names.")
         ] = None,
         pattern: Annotated[str, typer.Option(help="Moving image file pattern.")] = "*.nii.gz",
-        resume: Annotated[
-            bool, typer.Option("--resume/--no-resume", help="Reuse finished pairs' records.")
-        ] = True,
-        isolate: Annotated[
-            bool,
-            typer.Option(
-                "--isolate/--no-isolate",
-                help="One process per (method, pair): peak memory is its own.",
-            ),
-        ] = False,
-        label_names: Annotated[
-            Path | None,
-            typer.Option(
-                help="Structure names for figures and reports: ITK-SNAP label file, "
-                "FreeSurfer LUT, or CSV/TSV of code,name."
-            ),
-        ] = None,
-        threads: Annotated[
-            int | None, typer.Option(help="CPU threads of each registration (default: torch's).")
-        ] = None,
-        seed: Annotated[int, typer.Option(help="Seed of every random generator used.")] = 0,
-        quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+        resume: Resume = True,
+        isolate: Isolate = False,
+        label_names: LabelNames = None,
+        threads: Threads = None,
+        seed: Seed = 0,
+        quiet: Quiet = False,
     ) -> None:
         """Evaluate registration methods on pairs: Dice, HD95, TRE, folding, ICE, time.
 
@@ -97,28 +105,12 @@ def register_command(app: typer.Typer) -> None:
             list[str] | None,
             typer.Option("--method", "-m", help="Method spec, repeatable (default: suite's)."),
         ] = None,
-        resume: Annotated[
-            bool, typer.Option("--resume/--no-resume", help="Reuse finished pairs' records.")
-        ] = True,
-        isolate: Annotated[
-            bool,
-            typer.Option(
-                "--isolate/--no-isolate",
-                help="One process per (method, pair): peak memory is its own.",
-            ),
-        ] = True,
-        label_names: Annotated[
-            Path | None,
-            typer.Option(
-                help="Structure names for figures and reports: ITK-SNAP label file, "
-                "FreeSurfer LUT, or CSV/TSV of code,name."
-            ),
-        ] = None,
-        threads: Annotated[
-            int | None, typer.Option(help="CPU threads of each registration (default: torch's).")
-        ] = None,
-        seed: Annotated[int, typer.Option(help="Seed of every random generator used.")] = 0,
-        quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+        resume: Resume = True,
+        isolate: Isolate = True,
+        label_names: LabelNames = None,
+        threads: Threads = None,
+        seed: Seed = 0,
+        quiet: Quiet = False,
     ) -> None:
         """Run a named benchmark suite and write its report."""
         run_benchmark(

@@ -22,8 +22,17 @@ from learnreg.spatial.displacement import DisplacementField
 __all__ = ["GridFrame", "index_matrix_to_world", "world_matrix_to_index"]
 
 
-def _grid_affine(grid: Grid, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    a = torch.as_tensor(grid.affine, dtype=torch.float64, device=like.device)
+def _grid_affine(
+    grid: Grid, matrix: torch.Tensor, caller: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``grid``'s index → world matrix and its inverse (float64, on ``matrix``'s device), after
+    checking that ``matrix`` is ``(N, D+1, D+1)`` for the grid's ``D``."""
+    d = grid.ndim
+    if matrix.dim() != 3 or matrix.shape[1:] != (d + 1, d + 1):
+        raise ValueError(
+            f"{caller}: a {d}D grid needs (N, {d + 1}, {d + 1}) matrices; got {tuple(matrix.shape)}"
+        )
+    a = torch.as_tensor(grid.affine, dtype=torch.float64, device=matrix.device)
     return a, torch.linalg.inv(a)
 
 
@@ -31,25 +40,13 @@ def index_matrix_to_world(matrix: torch.Tensor, grid: Grid) -> torch.Tensor:
     """``G M G⁻¹``: homogeneous matrices ``(N, D+1, D+1)`` of index points of ``grid`` as
     matrices of world points (affine or projective alike). Differentiable; the product is
     formed in float64 and returned in ``matrix``'s dtype."""
-    d = grid.ndim
-    if matrix.dim() != 3 or matrix.shape[1:] != (d + 1, d + 1):
-        raise ValueError(
-            f"index_matrix_to_world: a {d}D grid needs (N, {d + 1}, {d + 1}) matrices; "
-            f"got {tuple(matrix.shape)}"
-        )
-    a, a_inv = _grid_affine(grid, matrix)
+    a, a_inv = _grid_affine(grid, matrix, "index_matrix_to_world")
     return (a @ matrix.double() @ a_inv).to(matrix.dtype)
 
 
 def world_matrix_to_index(matrix: torch.Tensor, grid: Grid) -> torch.Tensor:
     """``G⁻¹ M G``: the inverse of :func:`index_matrix_to_world`."""
-    d = grid.ndim
-    if matrix.dim() != 3 or matrix.shape[1:] != (d + 1, d + 1):
-        raise ValueError(
-            f"world_matrix_to_index: a {d}D grid needs (N, {d + 1}, {d + 1}) matrices; "
-            f"got {tuple(matrix.shape)}"
-        )
-    a, a_inv = _grid_affine(grid, matrix)
+    a, a_inv = _grid_affine(grid, matrix, "world_matrix_to_index")
     return (a_inv @ matrix.double() @ a).to(matrix.dtype)
 
 
