@@ -94,6 +94,12 @@ def test_h5_composites_map_points_as_the_result_and_the_flags_hold(data_root: Pa
         (["--threads", "0"], "--threads must be >= 1"),
         (["--output-format", "fsl2"], "--output-format"),
         (["--initial-transform", "missing.mat"], "missing.mat"),
+        (["--device", "tpu"], "expected one of auto, cpu, cuda, cuda:N"),
+        pytest.param(
+            ["--device", "cuda"],
+            "CUDA is not available",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present"),
+        ),
     ],
 )
 def test_bad_flag_values_are_clean_errors(data_root: Path, tmp_path: Path, flags, message):

@@ -108,6 +108,7 @@ def test_trained_model_registers_held_out_subject(trained, lpba4mm):
     f, m, fl, ml = _pair(lpba4mm)
     assert model.unsuitable(f, m) is None
     result = predict(f, m, model)
+    assert result.info["device"] == "cpu"
     assert result.fixed_grid.allclose(f.grid) and result.deformable.grid.allclose(f.grid)
     affine_dice = mean_dice(fl.data[0], resample(ml, f.grid, result.linear(), mode="label").data[0])
     dice = mean_dice(fl.data[0], result.warp(ml, mode="label").data[0])

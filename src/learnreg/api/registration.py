@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from learnreg.api.outputs import write_outputs
+from learnreg.core.device import resolve_device
 from learnreg.core.errors import InputError
 from learnreg.core.image import Image
 from learnreg.core.options import check_option
@@ -206,6 +207,7 @@ class RegistrationPlan:
     init: str | None = None
     fixed_mask: Image | None = None
     moving_mask: Image | None = None
+    device: torch.device = torch.device("cpu")
 
     def run(self, progress: Progress | None = None) -> Registration:
         t0 = time.perf_counter()
@@ -215,7 +217,15 @@ class RegistrationPlan:
             result = classical_register(f, m, self.config, self.initial, progress, **masks)
         else:
             result = predict(
-                f, m, self.model, self.refine, progress, self.initial, self.init, **masks
+                f,
+                m,
+                self.model,
+                self.refine,
+                progress,
+                self.initial,
+                self.init,
+                device=self.device,
+                **masks,
             )
         result.info["seconds"] = time.perf_counter() - t0
         result.info["engine"] = self.why
@@ -236,7 +246,7 @@ def register(
 
     ``options`` are :func:`plan_registration`'s: ``preset``, ``config``, ``refine``,
     ``initial``, ``init``, ``fixed_mask``, ``moving_mask``, ``fixed_labels``,
-    ``moving_labels``. ``progress`` is called ``(stage, iteration, total, loss)``;
+    ``moving_labels``, ``device``. ``progress`` is called ``(stage, iteration, total, loss)``;
     ``verbose`` prints which path runs and why before it runs.
 
     Returns a :class:`Registration`; ``info["engine"]`` says which path ran and why.
@@ -261,6 +271,7 @@ def plan_registration(
     moving_mask: ImageLike | None = None,
     fixed_labels: ImageLike | None = None,
     moving_labels: ImageLike | None = None,
+    device: str = "cpu",
 ) -> RegistrationPlan:
     """Read and check everything a registration is given and choose its path, without
     registering (:func:`register` runs the plan).
@@ -281,9 +292,12 @@ def plan_registration(
             as ANTs' ``-x``; with a model, in its pre-alignment and refinement.
         fixed_labels, moving_labels: label maps, for Dice in :meth:`Registration.save`'s
             ``metrics.json``.
+        device: where a network runs: ``cpu`` (default), ``cuda``, ``cuda:N`` or ``auto``
+            (a GPU where one is available); classical optimization runs on the CPU.
     """
     if refine < 0:
         raise InputError(f"refine must be >= 0, got {refine}")
+    dev = resolve_device(device)
     cfg = _classical_config(preset, config)
     if init is not None:
         cfg.init = check_option("init", init, INITS, InputError)
@@ -307,7 +321,9 @@ def plan_registration(
             "--refine N (refine=N) refines a network's prediction: use it with a learned "
             f"model (--method NAME or --model PATH; in Python, its name or checkpoint); {why}"
         )
-    return RegistrationPlan(f, m, fl, ml, model, why, cfg, refine, start, init, fmask, mmask)
+    if dev.type != "cpu":
+        why += f" (network on {dev})" if model is not None else " (on the CPU: it has no GPU path)"
+    return RegistrationPlan(f, m, fl, ml, model, why, cfg, refine, start, init, fmask, mmask, dev)
 
 
 def _is_path(method: str | Path) -> bool:

@@ -149,6 +149,13 @@ def register(
         int | None, typer.Option(help="CPU threads (default: torch's choice).")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of every random generator used.")] = 0,
+    device: Annotated[
+        str,
+        typer.Option(
+            help="Where a network runs: cpu, cuda, cuda:N or auto (a GPU if there is one). "
+            "Classical optimization runs on the CPU."
+        ),
+    ] = "cpu",
     no_qc: Annotated[bool, typer.Option("--no-qc", help="Do not draw qc.png.")] = False,
     verbose: Annotated[
         int,
@@ -189,6 +196,7 @@ def register(
         seed=seed,
         qc=not no_qc,
         verbose=verbose,
+        device=device,
     )
 
 

@@ -39,6 +39,7 @@ def run_register(
     seed: int = 0,
     qc: bool = True,
     verbose: int = 0,
+    device: str = "cpu",
 ) -> None:
     if refine < 0:
         raise InputError(f"--refine must be >= 0, got {refine}")
@@ -57,6 +58,7 @@ def run_register(
         moving_mask=moving_mask,
         fixed_labels=fixed_labels_path,
         moving_labels=moving_labels_path,
+        device=device,
     )
     if not quiet:
         print(f"learnreg register: {plan.why}")

@@ -15,6 +15,7 @@ def run_training(
     overrides: list[str] | None = None,
     resume: bool = False,
     output: Path | None = None,
+    device: str | None = None,
 ) -> dict:
     """Build the method and data of a YAML config and train (the ``train`` command's body)."""
     import torch
@@ -26,6 +27,9 @@ def run_training(
     cfg = TrainConfig.from_yaml(config_path, overrides or [])
     if output is not None:
         cfg.output = str(output)
+    if device is not None:
+        cfg.device = device
+        cfg.validate()
     if cfg.init is not None:  # a shipped model's name becomes its file
         from learnreg.zoo.models import resolve_model
 
@@ -61,11 +65,15 @@ def register_command(app: typer.Typer) -> None:
         output: Annotated[
             Path | None, typer.Option("-o", "--output", help="Output folder (overrides config).")
         ] = None,
+        device: Annotated[
+            str | None,
+            typer.Option(help="cpu, cuda, cuda:N or auto (overrides the config's device)."),
+        ] = None,
     ) -> None:
         """Train a learned registration method (single process, or DDP under torchrun)."""
         from rich.console import Console
 
-        summary = run_training(config, set_ or [], resume, output)
+        summary = run_training(config, set_ or [], resume, output, device)
         if summary.get("output") and _is_main():
             msg = f"trained {summary['step']} steps; outputs in {summary['output']}"
             if summary.get("best_value") is not None:

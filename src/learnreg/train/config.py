@@ -38,13 +38,13 @@ from typing import Any
 
 import yaml
 
+from learnreg.core.device import check_device_name
 from learnreg.core.errors import InputError
 from learnreg.core.options import check_option
 from learnreg.data.augment import AugmentConfig
 
 __all__ = ["DataConfig", "OptimizerConfig", "TrainConfig", "parse_override"]
 
-_DEVICES = ("auto", "cpu", "cuda")
 _OPTIMIZERS = ("adam", "adamw", "sgd")
 _ORIENTATIONS = ("RAS", "native")
 _PREALIGN = (None, "rigid", "affine")
@@ -166,8 +166,7 @@ class TrainConfig:
         for k in ("steps", "batch_size", "val_every", "checkpoint_every", "log_every"):
             if getattr(self, k) < 1:
                 raise InputError(f"config {k} must be >= 1, got {getattr(self, k)}")
-        if not str(self.device).startswith("cuda:"):
-            check_option("config device", self.device, _DEVICES, InputError)
+        self.device = check_device_name(self.device, "config device")
         self.data.validate()
         self.optimizer.validate()
         return self

@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from learnreg.core.device import resolve_device
 from learnreg.core.errors import InputError
 from learnreg.data.augment import Augmenter
 from learnreg.data.datasets import (
@@ -59,7 +60,7 @@ from learnreg.methods.base import RegistrationMethod
 from learnreg.train.checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
 from learnreg.train.config import TrainConfig
 
-__all__ = ["Trainer", "build_datasets", "resolve_device", "distributed_env"]
+__all__ = ["Trainer", "build_datasets", "distributed_env"]
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +72,6 @@ def distributed_env() -> tuple[int, int, int]:
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     return rank, world, local
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``"auto"``: CUDA (this process's local GPU) if available, else CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"device {name!r} requested but CUDA is not available")
-    if name == "cuda":
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
 
 
 def build_datasets(

@@ -109,13 +109,15 @@ def predict(
     init: str | None = None,
     fixed_mask: Image | None = None,
     moving_mask: Image | None = None,
+    device: torch.device | str = "cpu",
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` with ``model`` (+ ``refine`` optimization steps).
 
     ``initial`` (world, fixed→moving) starts the model's pre-alignment, or replaces it when
     the model has none; ``init`` (``com``/``search``) overrides the pre-alignment's start.
     ``fixed_mask``/``moving_mask`` restrict the similarity of the pre-alignment and the
-    refinement (the network sees whole images)."""
+    refinement (the network sees whole images). ``device``: where the network runs (the
+    pre-alignment, refinement and resampling run on the CPU)."""
     masks = {"fixed_mask": fixed_mask, "moving_mask": moving_mask}
     if refine < 0:
         raise ValueError(f"refine must be >= 0, got {refine}")
@@ -135,16 +137,22 @@ def predict(
     t1 = time.perf_counter()
     grid = model.grid_for(fixed)
     pre = model.preprocessor
-    f = pre.image(fixed, grid).batch()
-    m = pre.image(moving, grid, affine).batch()
-    out = model.method.predict(f, m, grid)
+    dev = torch.device(device)
+    f = pre.image(fixed, grid).batch().to(dev)
+    m = pre.image(moving, grid, affine).batch().to(dev)
+    net = model.method.to(dev)
+    try:
+        transform = net.predict(f, m, grid).transform.to("cpu")
+    finally:
+        net.to("cpu")
     timings["network"] = time.perf_counter() - t1
 
     info = {
         "method": "model",
         "model": model.name,
         "network": model.method.name,
-        "transform": type(out.transform).__name__,
+        "transform": type(transform).__name__,
+        "device": str(dev),
         "prealign": model.prealign,
         "network_grid": grid.to_dict(),
         "refine": int(refine),
@@ -152,12 +160,12 @@ def predict(
     t2 = time.perf_counter()
     if refine:
         result, info["refinement"] = _refine(
-            fixed, moving, model, grid, out.transform, affine, refine, progress, masks
+            fixed, moving, model, grid, transform, affine, refine, progress, masks
         )
         result.info = info
     else:
         result = RegistrationResult.from_transform(
-            out.transform, fixed.grid, moving.grid, then=affine, info=info
+            transform, fixed.grid, moving.grid, then=affine, info=info
         )
     timings["refine" if refine else "resample"] = time.perf_counter() - t2
     info["timings"] = timings
