@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from learnreg.core.run_folder import MARKER
 from learnreg.io.images import read_image
 
 EXPECTED = {
@@ -78,7 +79,8 @@ def registered(pair, tmp_path_factory) -> Path:
 def test_register_writes_everything(registered):
     names = {p.name for p in registered.iterdir()}
     assert EXPECTED <= names, EXPECTED - names
-    assert not [n for n in names if n.startswith(".")], "staging files left behind"
+    assert not [n for n in names if n.startswith(".") and n != MARKER], "staging files left"
+    assert not [p for p in registered.parent.iterdir() if p.name.startswith(".")]
     metrics = json.loads((registered / "metrics.json").read_text())
     assert metrics["dice"] > metrics["dice_affine"]
     assert metrics["lncc_final"] > metrics["lncc_affine"]

@@ -21,8 +21,9 @@ from learnreg.core.device import resolve_device
 from learnreg.core.errors import InputError
 from learnreg.core.image import Image
 from learnreg.core.options import check_option
+from learnreg.core.run_folder import output_folder
 from learnreg.io.objects import ImageLike, as_image, like
-from learnreg.io.result import ants_apply_arguments, save_result, staged_output
+from learnreg.io.result import ants_apply_arguments, save_result
 from learnreg.io.result import load_result as _load_folder
 from learnreg.io.transforms import read_affine, to_sitk_transform
 from learnreg.optimize.classical import Progress, check_pair
@@ -112,13 +113,20 @@ class Registration:
             )
         return self.result.map_points(pts, inverse=inverse).double().numpy()
 
-    def save(self, folder: str | Path, qc: bool = True, formats: Sequence[str] = ("ants",)) -> Path:
+    def save(
+        self,
+        folder: str | Path,
+        qc: bool = True,
+        formats: Sequence[str] = ("ants",),
+        overwrite: bool = False,
+    ) -> Path:
         """Write the result folder ``learnreg register`` writes (transforms, ``result.json``;
         with the images: warped image, Jacobian, ``metrics.json``, ``qc.png`` unless ``qc``
         is False), atomically: a failed save leaves nothing half written. ``formats``: the
-        transform file sets, ``"ants"`` (always) and ``"h5"`` (ITK composites)."""
+        transform file sets, ``"ants"`` (always) and ``"h5"`` (ITK composites). A folder
+        that is not empty is refused unless ``overwrite`` (then replaced as a whole)."""
         folder = Path(folder)
-        with staged_output(folder) as stage:
+        with output_folder(folder, overwrite, "Registration.save") as stage:
             self.write(stage, qc, formats)
         self.folder = folder
         return folder

@@ -7,9 +7,10 @@ from pathlib import Path
 
 from learnreg.cli.runtime import parse_transform_argument
 from learnreg.core.errors import InputError
+from learnreg.core.run_folder import output_folder
 from learnreg.io.images import read_image, read_labels, write_image
 from learnreg.io.points import read_point_table, write_points
-from learnreg.io.result import load_result, staged_output
+from learnreg.io.result import load_result
 from learnreg.io.transforms import read_transforms
 from learnreg.spatial.sampling import resample
 
@@ -24,6 +25,7 @@ def run_apply(
     points_space: str,
     transforms: list[str] | None = None,
     reference: Path | None = None,
+    overwrite: bool = False,
 ) -> None:
     """Without ``transforms``: ``args`` is a result folder, then the inputs. With them
     (``-t``, antsApplyTransforms order, ``[file,1]`` for an inverse): every arg is an input,
@@ -45,7 +47,8 @@ def run_apply(
             raise InputError("give a result folder and at least one input (or -t FILE ...)")
         result = load_result(args[0])
         inputs, ndim = args[1:], result.ndim
-    with staged_output(output) as stage:
+    _check_distinct_names(inputs)
+    with output_folder(output, overwrite, "apply") as stage:
         for path in inputs:
             name = Path(path).name
             if name.lower().endswith(".csv"):
@@ -70,3 +73,16 @@ def run_apply(
                 out = result.warp_inverse(image, mode) if inverse else result.warp(image, mode)
             write_image(out, stage / name)
     print(f"wrote {len(inputs)} file(s) to {output}/")
+
+
+def _check_distinct_names(inputs: list[Path]) -> None:
+    """Each input is written under its own file name: two with one name would collide."""
+    seen: dict[str, Path] = {}
+    for path in inputs:
+        name = Path(path).name
+        if name in seen:
+            raise InputError(
+                f"{path} and {seen[name]} would both be written as {name}: give inputs with "
+                "distinct file names (one apply per folder, or rename one)"
+            )
+        seen[name] = Path(path)

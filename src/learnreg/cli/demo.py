@@ -26,8 +26,9 @@ from learnreg.cli.progress import progress_display
 from learnreg.core.errors import InputError
 from learnreg.core.grid import Grid
 from learnreg.core.image import Image
+from learnreg.core.run_folder import output_folder
 from learnreg.io.images import read_image, write_image
-from learnreg.io.result import staged_output, write_json
+from learnreg.io.result import write_json
 from learnreg.optimize.classical import register
 from learnreg.spatial.affine import AffineTransform
 from learnreg.spatial.base import TransformChain
@@ -88,7 +89,7 @@ def _known_transform(grid: Grid, seed: int = 0) -> TransformChain:
     return TransformChain([field, AffineTransform(m)])
 
 
-def run_demo(output: Path) -> dict:
+def run_demo(output: Path, overwrite: bool = False) -> dict:
     paths = fetch_mni152()
     template = read_image(paths["t1"])
     tissue = torch.stack([read_image(paths[k]).data[0] for k in ("gm", "wm")])
@@ -110,7 +111,7 @@ def run_demo(output: Path) -> dict:
     moving_labels = resample(fixed_labels, moving_grid, truth, mode="label")
     moving_labels.name = "moving tissue"
 
-    with staged_output(output) as stage:
+    with output_folder(output, overwrite, "demo") as stage:
         write_image(fixed, stage / "fixed.nii.gz")
         write_image(moving, stage / "moving.nii.gz")
         t0 = time.perf_counter()

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from learnreg.core.errors import InputError
 
@@ -34,18 +39,56 @@ def _one_line(message: str) -> str:
     return " ".join(message.split())
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console entry point: usage errors and bad input give one error line and exit code 2."""
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived: unwind (staging folders and temporary files are removed on
+    the way out) and exit ``128 + signal``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """Turn SIGINT and SIGTERM into :class:`Interrupted` for the duration of a command
+    (even where the parent ignored SIGINT, as shells do for background jobs)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_interrupted(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        code = app(args=argv, prog_name="learnreg", standalone_mode=False)
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: usage errors and bad input give one error line and exit code 2;
+    SIGINT / SIGTERM one line and 130 / 143, with no partial outputs left behind."""
+    try:
+        with _signals_interrupt():
+            code = app(args=argv, prog_name="learnreg", standalone_mode=False)
     except InputError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True, markup=True)
+        _error(str(e))
         sys.exit(2)
+    except Interrupted as e:
+        name = signal.Signals(e.signum).name
+        _error(f"interrupted by {name}; nothing of this run was written")
+        sys.exit(128 + e.signum)
     except (typer.Abort, KeyboardInterrupt):
-        err.print("aborted", highlight=False)
-        sys.exit(130)
+        _error("interrupted; nothing of this run was written")
+        sys.exit(128 + signal.SIGINT)
     except typer.Exit as e:
         sys.exit(e.exit_code)
+    except OSError as e:  # a disk that fills up, a folder that vanishes, ...
+        where = f"{e.filename}: " if e.filename else ""
+        _error(f"{where}{e.strerror or e}")
+        sys.exit(1)
     except Exception as e:
         if not isinstance(e, _usage_error_type()):
             raise
@@ -54,9 +97,14 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(e.exit_code)
         ctx = getattr(e, "ctx", None)
         hint = f" (see '{ctx.command_path} -h')" if ctx is not None else ""
-        err.print(f"error: {message}{hint}", highlight=False, soft_wrap=True, markup=False)
+        _error(f"{message}{hint}")
         sys.exit(e.exit_code)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _error(message: str) -> None:
+    """One ``error:`` line; user text (file names) is never read as rich markup."""
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def _print_version(value: bool) -> None:
@@ -157,6 +205,12 @@ def register(
         ),
     ] = "cpu",
     no_qc: Annotated[bool, typer.Option("--no-qc", help="Do not draw qc.png.")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", help="Replace OUT as a whole if it holds an earlier run's files."
+        ),
+    ] = False,
     verbose: Annotated[
         int,
         typer.Option(
@@ -197,6 +251,7 @@ def register(
         qc=not no_qc,
         verbose=verbose,
         device=device,
+        overwrite=overwrite,
     )
 
 
@@ -237,6 +292,12 @@ def apply(
     threads: Annotated[
         int | None, typer.Option(help="CPU threads (default: torch's choice).")
     ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", help="Replace OUT as a whole if it holds an earlier run's files."
+        ),
+    ] = False,
 ) -> None:
     """Warp images, label maps and point sets with a saved result, in either direction, or
     with ANTs/ITK transform files (``-t warp -t affine -r fixed``, as antsApplyTransforms).
@@ -252,7 +313,7 @@ def apply(
     from learnreg.cli.runtime import configure
 
     configure(threads)
-    run_apply(args, output, inverse, labels, points_space, transform, reference)
+    run_apply(args, output, inverse, labels, points_space, transform, reference, overwrite)
 
 
 @app.command()
@@ -260,11 +321,17 @@ def demo(
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")] = Path(
         "learnreg-demo"
     ),
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", help="Replace OUT as a whole if it holds an earlier run's files."
+        ),
+    ] = False,
 ) -> None:
     """Fetch real anatomy (MNI152 from the nilearn wheel), deform it, and register it back."""
     from learnreg.cli.demo import run_demo
 
-    run_demo(output)
+    run_demo(output, overwrite)
 
 
 def _register_commands() -> None:

@@ -11,7 +11,8 @@ from learnreg.cli.progress import progress_display
 from learnreg.cli.runtime import configure, logging_into, parse_transform_argument
 from learnreg.core.errors import InputError
 from learnreg.core.options import check_option
-from learnreg.io.result import FORMATS, staged_output
+from learnreg.core.run_folder import output_folder
+from learnreg.io.result import FORMATS
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ def run_register(
     qc: bool = True,
     verbose: int = 0,
     device: str = "cpu",
+    overwrite: bool = False,
 ) -> None:
     if refine < 0:
         raise InputError(f"--refine must be >= 0, got {refine}")
@@ -62,7 +64,7 @@ def run_register(
     )
     if not quiet:
         print(f"learnreg register: {plan.why}")
-    with staged_output(output) as stage, logging_into(stage, verbose):
+    with output_folder(output, overwrite, "register") as stage, logging_into(stage, verbose):
         log.info("%s", plan.why)
         log.info("fixed %s: %s", plan.fixed.name, plan.fixed.grid)
         log.info("moving %s: %s", plan.moving.name, plan.moving.grid)

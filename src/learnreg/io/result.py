@@ -16,11 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 from learnreg import __version__
@@ -40,7 +36,6 @@ from learnreg.spatial.result import RegistrationResult
 __all__ = [
     "save_result",
     "load_result",
-    "staged_output",
     "write_json",
     "replay_commands",
     "ants_apply_arguments",
@@ -63,26 +58,6 @@ what :func:`load_result` reads), ``h5`` (one ITK composite ``.h5`` per direction
 niprep-style pipelines pass transforms), ``fsl`` (FLIRT ``affine_flirt.mat``) and ``lta``
 (FreeSurfer ``affine.lta``) — those two hold the affine part only (3D; through
 nitransforms, :mod:`learnreg.io.foreign`)."""
-
-
-@contextmanager
-def staged_output(outdir: str | Path):
-    """Yield a staging folder; on success its files move into ``outdir``, else nothing does.
-
-    A run that fails or is killed leaves no half-written outputs in ``outdir``.
-    """
-    out = Path(outdir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=".learnreg-partial-", dir=out))
-    except OSError as e:
-        raise InputError(f"{out}: cannot write to the output folder ({e.strerror or e})") from None
-    try:
-        yield stage
-        for f in sorted(stage.iterdir()):
-            os.replace(f, out / f.name)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
 
 
 def write_json(path: str | Path, obj: dict) -> None:
