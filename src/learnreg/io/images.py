@@ -33,6 +33,12 @@ from learnreg.core.files import atomic_write
 from learnreg.core.grid import Grid
 from learnreg.core.image import Image
 from learnreg.core.locale_guard import keep_locale
+from learnreg.io.validate import (
+    check_fits_in_memory,
+    check_index_to_world,
+    check_looks_like_labels,
+    check_stream_complete,
+)
 
 __all__ = [
     "read_image",
@@ -129,6 +135,7 @@ def _spatial_and_channels(
         data = data[..., None]
     # data is (C, X, Y, Z); a single slice with an in-plane affine is a 2D image
     a = np.asarray(affine4, dtype=np.float64)
+    check_index_to_world(path, a)
     in_plane = np.allclose(a[:2, 2], 0) and np.allclose(a[2, :2], 0)
     if data.shape[3] == 1 and in_plane:
         grid = _grid_from_ras_affine(path, data.shape[1:3], a[np.ix_([0, 1, 3], [0, 1, 3])])
@@ -262,11 +269,16 @@ def _read_nifti_array(path: Path, labels: bool, dtype: torch.dtype | None):
         img = nib.load(str(path))
         if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
             raise InputError(f"{path}: not a NIfTI image ({type(img).__name__})")
+        stored = img.get_data_dtype()
+        if stored.kind in "cV" or stored.names is not None:
+            raise InputError(f"{path}: unsupported NIfTI data type {stored} (RGB/complex)")
+        check_fits_in_memory(path, img.shape, stored.itemsize)
+        _check_payload_size(path, img)
         if labels or dtype is None or not dtype.is_floating_point:
             arr = np.asanyarray(img.dataobj)
         else:
             arr = img.get_fdata(dtype=np.float64 if dtype == torch.float64 else np.float32)
-        affine = np.asarray(img.affine, dtype=np.float64)
+        affine = _nifti_affine(path, img)
         if arr.size == 0:
             raise InputError(f"{path}: image is empty (shape {img.shape})")
     except InputError:
@@ -304,7 +316,12 @@ def _read_sitk(path: Path):
                 )
             reader.SetFileNames(files[sid])
             return reader.Execute()
-        return sitk.ReadImage(str(path))
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        bytes_per_voxel = 8 * reader.GetNumberOfComponents()  # at most float64 components
+        check_fits_in_memory(path, reader.GetSize(), bytes_per_voxel)
+        return reader.Execute()
     except InputError:
         raise
     except RuntimeError as e:
@@ -344,6 +361,33 @@ def _luminance(img):
     return out
 
 
+def _nifti_affine(path: Path, img) -> np.ndarray:
+    """The image's RAS affine — for a header with no orientation (qform_code = sform_code =
+    0) the one ITK reads (voxel axes along LPS, origin 0; nibabel's fallback differs in the
+    sign of y and centres the image), so that transforms written for it replay in ITK/ANTs."""
+    hdr = img.header
+    if int(hdr["sform_code"]) > 0 or int(hdr["qform_code"]) > 0:
+        return np.asarray(img.affine, dtype=np.float64)
+    zooms = [float(z) if np.isfinite(z) and z > 0 else 1.0 for z in hdr.get_zooms()[:3]]
+    zooms += [1.0] * (3 - len(zooms))
+    log.warning(
+        "%s: the NIfTI header gives no orientation (qform_code = sform_code = 0); reading it "
+        "as ITK does (voxel axes along L, P, S; origin 0): check that the result is sensible",
+        path,
+    )
+    return np.diag([-zooms[0], -zooms[1], zooms[2], 1.0])
+
+
+def _check_payload_size(path: Path, img) -> None:
+    """An uncompressed NIfTI must hold the bytes its header declares."""
+    if extension(path) != ".nii":
+        return
+    need = int(img.dataobj.offset) + int(np.prod(img.shape)) * img.get_data_dtype().itemsize
+    have = path.stat().st_size
+    if have < need:
+        raise InputError(f"{path}: file is truncated ({have} bytes, its header declares {need})")
+
+
 def _read(
     path: PathLike,
     name: str | None,
@@ -358,6 +402,7 @@ def _read(
         sitk_img = _read_sitk(path)
     else:
         ext = _check_extension(path, IMAGE_EXTENSIONS, "image")
+        check_stream_complete(path, "label map" if labels else "image")
         if ext in NIFTI_EXTENSIONS:
             arr, affine = _read_nifti_array(path, labels, dtype)
             data, grid = _spatial_and_channels(path, arr, affine, allow_channels)
@@ -412,7 +457,9 @@ def read_labels(path: PathLike, *, name: str | None = None, allow_channels: bool
     :class:`InputError`.
     """
     data, grid, name = _read(path, name, allow_channels, labels=True, dtype=None)
-    return Image(_to_torch(label_array(path, data), None), grid, name)
+    data = label_array(path, data)
+    check_looks_like_labels(path, data)
+    return Image(_to_torch(data, None), grid, name)
 
 
 def label_array(path: PathLike, data: np.ndarray) -> np.ndarray:

@@ -88,6 +88,8 @@ def read_point_table(
             f"{','.join(header)!r}, expected x,y{',z' if d == 3 else ''}"
         )
     cols = [lower.index(a) for a in _AXES[:d]]
+    if len(rows) < 2:
+        raise InputError(f"{path}: the table has a header but no points")
     extra_idx = [i for i in range(len(header)) if i not in cols]
     values = np.empty((len(rows) - 1, d), dtype=np.float64)
     extra: dict[str, list[str]] = {header[i]: [] for i in extra_idx}

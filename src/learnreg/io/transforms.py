@@ -50,6 +50,7 @@ import torch
 
 from learnreg.core.errors import InputError
 from learnreg.core.grid import Grid
+from learnreg.core.image import Image
 from learnreg.core.locale_guard import keep_locale
 from learnreg.io.images import (
     _lps_flip,
@@ -58,7 +59,9 @@ from learnreg.io.images import (
     atomic_write,
     extension,
     from_sitk_image,
+    read_image,
 )
+from learnreg.io.validate import check_stream_complete
 from learnreg.spatial.affine import AffineTransform
 from learnreg.spatial.base import SpatialTransform, TransformChain
 from learnreg.spatial.displacement import DisplacementField
@@ -180,7 +183,17 @@ def _field_from_image(img, where) -> DisplacementField:
             f"component per dimension, got size {img.GetSize()} with {n} component(s) per "
             "pixel (ITK/ANTs fields are e.g. 5D NIfTI (X, Y, Z, 1, 3) with vector intent)"
         )
-    image = from_sitk_image(img, str(where), allow_channels=True, path=where)
+    return _field_from_vectors(from_sitk_image(img, str(where), allow_channels=True, path=where))
+
+
+def _field_from_vectors(image: Image) -> DisplacementField:
+    """An image of LPS mm vectors, one channel per axis, as a field (RAS)."""
+    where = image.name
+    if image.channels != image.grid.ndim and image.channels == 1:
+        raise InputError(
+            f"{where}: not a displacement field: a scalar image (ITK/ANTs fields hold one "
+            "vector component per axis, e.g. NIfTI (X, Y, Z, 1, 3) with vector intent)"
+        )
     vec = image.data.double().clone()  # (D, *S), LPS mm
     if vec.shape[0] != image.grid.ndim:
         raise InputError(
@@ -367,8 +380,12 @@ def read_displacement(path: PathLike) -> DisplacementField:
     """Read an ITK/ANTs displacement field (LPS vectors in mm), e.g. ANTs' ``1Warp.nii.gz``."""
     import SimpleITK as sitk
 
-    path, _ = _check_path(path, FIELD_EXTENSIONS, "displacement field")
+    path, ext = _check_path(path, FIELD_EXTENSIONS, "displacement field")
     _check_exists(path)
+    if ext in (".nii", ".nii.gz"):  # nibabel keeps NaN, which ITK's NIfTI reader turns to 0
+        image = read_image(path, allow_channels=True, dtype=torch.float64)
+        return _field_from_vectors(image)
+    check_stream_complete(path, "displacement field")
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError as e:
