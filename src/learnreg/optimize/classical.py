@@ -18,6 +18,7 @@ import torch
 from learnreg.core.errors import InputError
 from learnreg.core.grid import Grid, apply_matrix
 from learnreg.core.image import Image
+from learnreg.io.validate import check_axes
 from learnreg.optimize.config import (
     ClassicalConfig,
     DeformableStage,
@@ -26,7 +27,13 @@ from learnreg.optimize.config import (
     regularization_terms,
     similarity_terms,
 )
-from learnreg.optimize.initialize import center_of_mass, com_init, implausible_affine, search_init
+from learnreg.optimize.initialize import (
+    center_of_mass,
+    com_init,
+    implausible_affine,
+    overlap_warning,
+    search_init,
+)
 from learnreg.optimize.masks import MetricMasks
 from learnreg.optimize.pyramid import Pyramid, level_factor, normalize_intensity
 from learnreg.spatial.affine import AffineTransform
@@ -90,6 +97,9 @@ def register(
             matrix = _linear_stage(f, m, matrix, stage, cfg, progress, masks)
         affine = AffineTransform(matrix)
         warnings = implausible_affine(matrix, hint=start["init"] == "com") if cfg.linear else []
+        overlap = overlap_warning(fixed, moving, matrix)
+        if overlap is not None:
+            warnings.append(overlap)
         fwd = inv = None
         if cfg.deformable is not None:
             fwd, inv = _svf_stage(f, m, affine, cfg.deformable, cfg, progress, initial_field, masks)
@@ -114,6 +124,7 @@ def check_pair(fixed: Image, moving: Image) -> None:
             "fixed and moving must have the same dimensionality"
         )
     for im in (fixed, moving):
+        check_axes(im.name, im.grid.shape, minimum=4)
         if im.channels != 1:
             raise InputError(
                 f"{im.name}: expected a single-channel image, got {im.channels} channels"

@@ -26,6 +26,7 @@ __all__ = [
     "search_init",
     "rotation_angle",
     "implausible_affine",
+    "overlap_warning",
 ]
 
 SEARCH_STEP = {2: 15.0, 3: 30.0}
@@ -162,3 +163,28 @@ def implausible_affine(
             + (", or start with --init search" if hint else "")
         )
     return out
+
+
+def overlap_warning(fixed: Image, moving: Image, matrix: torch.Tensor) -> str | None:
+    """A warning when, under the fixed → moving ``matrix``, less than half of the fixed
+    image's foreground (voxels above its mean, ~4096 sampled) lands inside the moving image's
+    field of view — the registered image would then be mostly empty; None otherwise."""
+    grid = fixed.grid
+    stride = max(1, round((grid.numel / 4096) ** (1 / grid.ndim)))
+    every = (slice(None, None, stride),) * grid.ndim
+    data = fixed.data[0].double()[every]
+    pts = grid.world_points(torch.float64)[every]
+    fg = data > data.mean()
+    if not bool(fg.any()):
+        return None
+    idx = moving.grid.world_to_index(apply_matrix(matrix.detach().double(), pts[fg]))
+    shape = torch.tensor(moving.grid.shape, dtype=idx.dtype)
+    inside = ((idx >= -0.5) & (idx <= shape - 0.5)).all(-1)
+    share = float(inside.double().mean())
+    if share >= 0.5:
+        return None
+    return (
+        f"after the linear stage only {share:.0%} of the fixed image's foreground lies inside "
+        "the moving image's field of view: the images barely overlap (different fields of "
+        "view, or wrong headers?)"
+    )
