@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from learnreg.cli.runtime import logging_into
 from learnreg.core.errors import InputError
 
 app = typer.Typer(
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: usage errors and bad input give one error line and exit code 2;
     SIGINT / SIGTERM one line and 130 / 143, with no partial outputs left behind."""
     try:
-        with _signals_interrupt():
+        with _signals_interrupt(), logging_into(None, 0):
             code = app(args=argv, prog_name="learnreg", standalone_mode=False)
     except InputError as e:
         _error(str(e))

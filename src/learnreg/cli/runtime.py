@@ -31,7 +31,8 @@ def configure(threads: int | None = None, seed: int = 0) -> None:
 @contextmanager
 def logging_into(folder: Path | None, verbose: int) -> Iterator[None]:
     """Show learnreg's warnings on stderr as ``warning: ...`` lines; with ``verbose`` 1 (2+)
-    also its INFO (DEBUG) messages, timestamped, on stderr and in ``folder/learnreg.log``."""
+    also its INFO (DEBUG) messages, timestamped, on stderr and in ``folder/learnreg.log``.
+    Replaces, for its duration, the handlers an outer ``logging_into`` installed."""
     logger = logging.getLogger("learnreg")
     if verbose <= 0:
         level, fmt = logging.WARNING, _OneLine()
@@ -41,7 +42,9 @@ def logging_into(folder: Path | None, verbose: int) -> Iterator[None]:
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if folder is not None and verbose > 0:
         handlers.append(logging.FileHandler(folder / LOG_FILE, encoding="utf-8"))
-    old = logger.level
+    old, outer = logger.level, list(logger.handlers)
+    for h in outer:
+        logger.removeHandler(h)
     logger.setLevel(level)
     for h in handlers:
         h.setFormatter(fmt)
@@ -52,6 +55,8 @@ def logging_into(folder: Path | None, verbose: int) -> Iterator[None]:
         for h in handlers:
             logger.removeHandler(h)
             h.close()
+        for h in outer:
+            logger.addHandler(h)
         logger.setLevel(old)
 
 
