@@ -148,6 +148,24 @@ def complex_data(good: Path, folder: Path):
     return _save(folder, "complex.nii.gz", data.astype(np.complex64), aff, np.complex64), "RGB"
 
 
+def _truncated_sitk(good: Path, folder: Path, name: str, compress: bool) -> Path:
+    import SimpleITK as sitk
+
+    path = folder / name
+    sitk.WriteImage(sitk.ReadImage(str(good)), str(path), compress)
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) * 2 // 3])
+    return path
+
+
+def truncated_metaimage(good: Path, folder: Path):
+    return _truncated_sitk(good, folder, "cut.mha", False), "data not read completely"
+
+
+def truncated_compressed_nrrd(good: Path, folder: Path):
+    return _truncated_sitk(good, folder, "cut.nrrd", True), "cannot read image"
+
+
 def markup_in_name(good: Path, folder: Path):
     return folder / "[red]scan[/x].nii.gz", "[red]scan[/x].nii.gz"
 
@@ -177,6 +195,8 @@ FAULTS: dict[str, Callable[[Path, Path], tuple[Path, str]]] = {
         one_voxel_thick,
         two_voxels_thick,
         complex_data,
+        truncated_metaimage,
+        truncated_compressed_nrrd,
         markup_in_name,
     )
 }

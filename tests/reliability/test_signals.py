@@ -1,4 +1,4 @@
-"""Signals, kills and concurrent runs, against the installed console script in subprocesses:
+"""Signals, kills, concurrent runs and native libraries' own output, against the installed console script in subprocesses:
 SIGINT / SIGTERM end with one line and 130 / 143 and leave nothing; SIGKILL leaves the
 previous folder or a complete new one, never a mix, and the next run cleans up; two runs into
 one folder: one writes it, the other is refused."""
@@ -120,3 +120,16 @@ def test_two_runs_into_one_folder(inputs, work, slow_config):
     names = {p.name for p in (work / "out").iterdir()}
     assert {"warp.nii.gz", "affine.mat", "result.json", MARKER} <= names
     assert leftovers(work) == []
+
+
+def test_native_library_messages_do_not_reach_the_terminal(inputs, work):
+    from tests.reliability.faults import truncated_metaimage
+
+    bad, problem = truncated_metaimage(inputs["moving"], work)
+    args = [str(SCRIPT), "register", str(inputs["fixed"]), str(bad), "-o", "out", "-q"]
+    done = subprocess.run(
+        args, cwd=work, capture_output=True, text=True, env=environment_without_pythonpath()
+    )
+    lines = [x for x in done.stderr.splitlines() if x.strip()]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert problem in lines[0] and bad.name in lines[0]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -328,6 +329,30 @@ def _read_sitk(path: Path):
         raise InputError(f"{path}: cannot read image ({_short(e)})") from None
 
 
+def _read_sitk_quietly(path: Path):
+    """:func:`_read_sitk` with what ITK's C++ readers print to the process's stderr (MetaIO's
+    "data not read completely", GDCM's warnings) kept off the terminal: it becomes the reason
+    in the error when the read fails, and is dropped when the read succeeds."""
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            return _read_sitk(path)
+        except InputError as e:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            said = " ".join(sink.read().decode(errors="replace").split())
+            if said and "cannot read image" in str(e):
+                raise InputError(f"{path}: cannot read image ({said[:200]})") from None
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def _short(e: BaseException) -> str:
     """A one-line summary of a library error (SimpleITK's span several lines)."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
@@ -399,7 +424,7 @@ def _read(
     _check_readable(path)
     name = str(path) if name is None else name
     if path.is_dir():
-        sitk_img = _read_sitk(path)
+        sitk_img = _read_sitk_quietly(path)
     else:
         ext = _check_extension(path, IMAGE_EXTENSIONS, "image")
         check_stream_complete(path, "label map" if labels else "image")
@@ -407,7 +432,7 @@ def _read(
             arr, affine = _read_nifti_array(path, labels, dtype)
             data, grid = _spatial_and_channels(path, arr, affine, allow_channels)
             return data, grid, name
-        sitk_img = _read_sitk(path)
+        sitk_img = _read_sitk_quietly(path)
         if ext in RASTER_EXTENSIONS and not labels:
             sitk_img = _luminance(sitk_img)
     img = from_sitk_image(sitk_img, name, allow_channels=allow_channels, path=path)
