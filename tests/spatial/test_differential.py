@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from learnreg.core.grid import Grid
-from learnreg.spatial.differential import jacobian_determinant, spatial_gradient
+from learnreg.spatial.differential import jacobian_determinant, jacobian_matrix, spatial_gradient
 
 DT = torch.float64
 
@@ -59,3 +59,11 @@ def test_gradient_exact_for_quadratics_inside() -> None:
     np.testing.assert_allclose(fwd[0, 0, 0, :-1].numpy(), (2 * i + 1 + 3 * j)[:-1].numpy())
     with pytest.raises(ValueError, match="mode"):
         spatial_gradient(f, mode="backward")
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_determinant_of_a_random_field_matches_numpy(d: int) -> None:
+    g = torch.Generator().manual_seed(d)
+    u = torch.randn(2, d, *([9] * d), generator=g, dtype=torch.float64)
+    j = jacobian_matrix(u).movedim(1, -1).movedim(1, -1).numpy()  # (N, *S, D, D)
+    np.testing.assert_allclose(jacobian_determinant(u).numpy(), np.linalg.det(j), rtol=1e-10)
