@@ -1,4 +1,4 @@
-"""``learnreg train CONFIG.yaml [--set key=value ...] [--resume] [-o OUTDIR]``."""
+"""``learnreg train CONFIG.yaml [--set key=value ...] [--resume | --overwrite] [-o OUTDIR]``."""
 
 from __future__ import annotations
 
@@ -16,12 +16,19 @@ def run_training(
     resume: bool = False,
     output: Path | None = None,
     device: str | None = None,
+    overwrite: bool = False,
 ) -> dict:
-    """Build the method and data of a YAML config and train (the ``train`` command's body)."""
+    """Build the method and data of a YAML config and train (the ``train`` command's body).
+
+    The run folder is checked first (:func:`~learnreg.train.outputs.check_run_folder`):
+    ``resume`` needs its ``last.pt``, a new run an empty folder or ``overwrite``.
+    """
     import torch
 
+    from learnreg.core.errors import InputError
     from learnreg.methods.registry import create_method
     from learnreg.train.config import TrainConfig
+    from learnreg.train.outputs import check_run_folder
     from learnreg.train.trainer import Trainer, build_datasets
 
     cfg = TrainConfig.from_yaml(config_path, overrides or [])
@@ -30,6 +37,7 @@ def run_training(
     if device is not None:
         cfg.device = device
         cfg.validate()
+    check_run_folder(cfg.output, resume, overwrite, config_path)
     if cfg.init is not None:  # a shipped model's name becomes its file
         from learnreg.zoo.models import resolve_model
 
@@ -38,13 +46,15 @@ def run_training(
     try:
         method = create_method(cfg.method, **cfg.method_config)
     except (TypeError, ValueError) as e:
-        from learnreg.core.errors import InputError
-
         if isinstance(e, InputError):
             raise
         raise InputError(f"{config_path}: method {cfg.method!r}: {e}") from None
     train_set, val_set = build_datasets(cfg, method)
-    return Trainer(cfg, method, train_set, val_set).fit(resume=resume)
+    try:
+        trainer = Trainer(cfg, method, train_set, val_set)
+    except InputError as e:  # the data do not fit the configured network
+        raise InputError(f"{config_path}: {e}") from None
+    return trainer.fit(resume=resume, overwrite=overwrite)
 
 
 def register_command(app: typer.Typer) -> None:
@@ -62,6 +72,12 @@ def register_command(app: typer.Typer) -> None:
         resume: Annotated[
             bool, typer.Option("--resume", help="Continue from OUTDIR/checkpoints/last.pt.")
         ] = False,
+        overwrite: Annotated[
+            bool,
+            typer.Option(
+                "--overwrite", help="Remove an earlier run's files from OUTDIR, then train."
+            ),
+        ] = False,
         output: Annotated[
             Path | None, typer.Option("-o", "--output", help="Output folder (overrides config).")
         ] = None,
@@ -73,7 +89,7 @@ def register_command(app: typer.Typer) -> None:
         """Train a learned registration method (single process, or DDP under torchrun)."""
         from rich.console import Console
 
-        summary = run_training(config, set_ or [], resume, output, device)
+        summary = run_training(config, set_ or [], resume, output, device, overwrite)
         if summary.get("output") and _is_main():
             msg = f"trained {summary['step']} steps; outputs in {summary['output']}"
             if summary.get("best_value") is not None:
@@ -84,7 +100,7 @@ def register_command(app: typer.Typer) -> None:
                 if summary.get("identity_dice") is not None:
                     msg += f", identity Dice {summary['identity_dice']:.4f}"
                 msg += ")"
-            Console().print(msg, highlight=False)
+            Console().print(msg, highlight=False, markup=False)
 
 
 def _is_main() -> bool:

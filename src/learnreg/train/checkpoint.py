@@ -21,9 +21,11 @@ raises :class:`~learnreg.core.errors.InputError` naming the file.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import random
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -123,7 +125,9 @@ def save_checkpoint(
     """Write a checkpoint atomically (temporary file beside ``path``, then ``os.replace``).
 
     ``rng`` defaults to :func:`capture_rng_state` now. Raises ``TypeError`` if anything is
-    not a tensor or a plain type (it could not be loaded with ``weights_only=True``).
+    not a tensor or a plain type (it could not be loaded with ``weights_only=True``), and
+    :class:`InputError` naming ``path`` when it cannot be written (a full disk, ...): the
+    file already at ``path``, if any, is then left as it was.
     """
     path = Path(path)
     state = {
@@ -145,7 +149,9 @@ def save_checkpoint(
     _check_plain(state, "")
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as tmp:
-        torch.save(state, tmp)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)  # in memory: torch reports a failed file write vaguely
+        tmp.write_bytes(buffer.getbuffer())  # a full disk: OSError, the old file untouched
     return path
 
 
@@ -168,16 +174,26 @@ def load_checkpoint(
     if not path.is_file():
         raise InputError(f"{path}: checkpoint not found")
     try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch's zip archive, a legacy pickle
+        raise InputError(f"{path}: not a checkpoint (not a file torch.save writes)")
+    try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling failed"
+        unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        what = f"a {unsafe.group(1)} object" if unsafe else "objects"
         raise InputError(
-            f"{path}: not a loadable learnreg checkpoint (corrupt, or holds objects other than "
-            f"tensors and plain types: {first[:160]})"
+            f"{path}: not a loadable learnreg checkpoint: it holds {what} other than tensors "
+            "and plain types, which learnreg does not load (weights_only)"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"{path}: corrupt checkpoint ({msg[:160]})") from None
+        raise InputError(
+            f"{path}: corrupt checkpoint, truncated or damaged ({msg[:160]})"
+        ) from None
     except Exception as e:  # torch raises many kinds on truncated files
         raise InputError(f"{path}: corrupt checkpoint ({type(e).__name__})") from None
     if not isinstance(state, dict) or any(k not in state for k in _REQUIRED):

@@ -45,6 +45,7 @@ import yaml
 
 from learnreg.core.device import resolve_device
 from learnreg.core.errors import InputError
+from learnreg.core.files import atomic_write
 from learnreg.data.augment import Augmenter
 from learnreg.data.datasets import (
     PairDataset,
@@ -59,6 +60,7 @@ from learnreg.data.preprocess import NetworkGrid, Preprocessor
 from learnreg.methods.base import RegistrationMethod
 from learnreg.train.checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
 from learnreg.train.config import TrainConfig
+from learnreg.train.outputs import clear_run_folder
 
 __all__ = ["Trainer", "build_datasets", "distributed_env"]
 
@@ -100,8 +102,8 @@ def build_datasets(
 
         return synthetic_datasets(data.synthetic, pre)
     if data.train_csv is not None:
-        train_pairs = pairs_from_csv(data.train_csv)
-        val_pairs = pairs_from_csv(data.val_csv) if data.val_csv else []
+        train_pairs = pairs_from_csv(data.train_csv, must_exist=True)
+        val_pairs = pairs_from_csv(data.val_csv, must_exist=True) if data.val_csv else []
     else:
         assert data.images is not None
         exclude = set(data.val or []) | ({data.atlas} if data.atlas else set())
@@ -247,6 +249,13 @@ class Trainer:
     def _check_grid(self) -> None:
         """The data's network grid must be one the method's network can take."""
         grid = self.train_data.grid
+        ndim = getattr(self.method, "config", {}).get("ndim")
+        if ndim is not None and ndim != grid.ndim:
+            raise InputError(
+                f"config method_config.ndim is {ndim}, but the data are {grid.ndim}D (the "
+                f"first image, {self.train_data.pairs[0].fixed}, is on a {grid.ndim}D grid): "
+                f"set method_config.ndim to {grid.ndim}, or train on {ndim}D images"
+            )
         need = self.method.input_shape
         if need is not None and tuple(grid.shape) != tuple(need):
             raise InputError(
@@ -383,23 +392,37 @@ class Trainer:
         }
 
     def _save(self, path: Path, optimizers, scaler) -> None:
-        save_checkpoint(
-            path,
-            model=self.method,
-            method=self.method_name,
-            step=self.step,
-            config=self.config.to_dict(),
-            optimizer={name: o.state_dict() for name, o in optimizers.items()},
-            scaler=scaler,
-            extra=self._extra(),
-        )
+        try:
+            save_checkpoint(
+                path,
+                model=self.method,
+                method=self.method_name,
+                step=self.step,
+                config=self.config.to_dict(),
+                optimizer={name: o.state_dict() for name, o in optimizers.items()},
+                scaler=scaler,
+                extra=self._extra(),
+            )
+        except InputError as e:
+            raise InputError(
+                f"{e}; training stopped at step {self.step}, the checkpoints written before "
+                "are intact"
+            ) from None
 
     def _restore(self, optimizers, scaler) -> bool:
         path = self.output / "checkpoints" / "last.pt"
         if not path.is_file():
             return False
         state = load_checkpoint(path, expected_method=self.method_name)
-        self.method.load_state_dict(state["model"])
+        try:
+            self.method.load_state_dict(state["model"])
+        except (RuntimeError, TypeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InputError(
+                f"{path}: the checkpoint's network does not fit this config's method_config "
+                f"(another architecture: {first[:160]}); resume with the config it was "
+                "trained with"
+            ) from None
         saved = state.get("optimizer")
         if saved is not None:
             if set(saved) != set(optimizers):
@@ -496,16 +519,19 @@ class Trainer:
         return SummaryWriter(str(self.output / "tensorboard"))
 
     # ------------------------------------------------------------------ training
-    def fit(self, resume: bool = False, until: int | None = None) -> dict:
+    def fit(self, resume: bool = False, until: int | None = None, overwrite: bool = False) -> dict:
         """Train to ``config.steps`` (or stop gracefully after step ``until``).
 
         With ``resume=True`` training continues from ``checkpoints/last.pt`` in the output
-        folder when it exists (else starts fresh). Returns a summary dict.
+        folder when it exists (else starts fresh). ``overwrite`` first removes an earlier
+        run's files from the output folder (:func:`~learnreg.train.outputs.clear_run_folder`;
+        a fresh run only). Returns a summary dict.
         """
         cfg = self.config
         self._init_distributed()
         try:
-            return self._fit(resume, cfg.steps if until is None else min(until, cfg.steps))
+            end = cfg.steps if until is None else min(until, cfg.steps)
+            return self._fit(resume, end, overwrite)
         finally:
             if self._own_group and dist.is_initialized():
                 dist.destroy_process_group()
@@ -546,7 +572,7 @@ class Trainer:
         if self.world_size > 1:
             self._all_reduce_grads()
 
-    def _fit(self, resume: bool, end: int) -> dict:
+    def _fit(self, resume: bool, end: int, overwrite: bool = False) -> dict:
         cfg = self.config
         self.method.to(self.device)
         optimizers = self._make_optimizers()
@@ -557,11 +583,16 @@ class Trainer:
             if cfg.init:
                 self._load_initial_weights(cfg.init)
         if self.is_main:
-            (self.output / "checkpoints").mkdir(parents=True, exist_ok=True)
-            text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-            tmp = self.output / ".config.yaml.tmp"
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, self.output / "config.yaml")
+            if overwrite and not resumed:
+                clear_run_folder(self.output)
+            try:
+                (self.output / "checkpoints").mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise InputError(
+                    f"{self.output}: cannot create the run folder ({e.strerror or e})"
+                ) from None
+            with atomic_write(self.output / "config.yaml") as tmp:
+                tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
             self._open_log(resumed)
         self._tb = self._open_tensorboard()
         model = self._wrap(len(optimizers) == 1)
