@@ -365,6 +365,7 @@ def choose_model(
     """
     if model_path is not None:
         model = load_model(model_path)
+        model.check_pair(fixed, moving)
         return model, _using(model, fixed, moving, forced=True)
     key = method.strip().lower()
     if key == "classical" or (key == "auto" and classical_asked):

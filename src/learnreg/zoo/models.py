@@ -95,10 +95,9 @@ class PretrainedModel:
         """
         suits = self.card.get("suits", {})
         for im in (fixed, moving):
-            if im.ndim != self.ndim:
-                return f"{im.name} is {im.ndim}D, the model is {self.ndim}D"
-            if im.channels != 1:
-                return f"{im.name} has {im.channels} channels, the model takes one"
+            cannot = self._cannot_take(im)
+            if cannot is not None:
+                return cannot
             max_spacing = suits.get("max_spacing")
             if max_spacing is not None and max(im.grid.spacing) > max_spacing:
                 return (
@@ -119,6 +118,22 @@ class PretrainedModel:
                     f"{im.name} does not look skull-stripped ({background_fraction(im):.0%} "
                     f"background, the model expects at least {min_bg:.0%})"
                 )
+        return None
+
+    def check_pair(self, fixed: Image, moving: Image) -> None:
+        """Raise :class:`InputError` naming the model's file when the network cannot take the
+        pair at all (another dimensionality, several channels); the card's softer limits
+        (:meth:`unsuitable`) only warn when a model is chosen by hand."""
+        for im in (fixed, moving):
+            cannot = self._cannot_take(im)
+            if cannot is not None:
+                raise InputError(f"{self.path or self.name}: cannot register this pair: {cannot}")
+
+    def _cannot_take(self, im: Image) -> str | None:
+        if im.ndim != self.ndim:
+            return f"{im.name} is {im.ndim}D, the model is {self.ndim}D"
+        if im.channels != 1:
+            return f"{im.name} has {im.channels} channels, the model takes one"
         return None
 
 
@@ -152,6 +167,8 @@ def load_model(name_or_path: str | os.PathLike) -> PretrainedModel:
     state = load_checkpoint(path)
     extra = state.get("extra") or {}
     config = state.get("config") or {}
+    if not isinstance(extra, dict) or not isinstance(config, dict):
+        raise InputError(f"{path}: corrupt checkpoint (its config or extra is not a mapping)")
     pre = extra.get("preprocess")
     grid = extra.get("grid")
     if not isinstance(pre, dict) or not isinstance(grid, dict):
@@ -160,13 +177,25 @@ def load_model(name_or_path: str | os.PathLike) -> PretrainedModel:
         method = create_method(state["method"], **(config.get("method_config") or {}))
         method.load_state_dict(state["model"])
     except (TypeError, ValueError, KeyError, RuntimeError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(
-            f"{path}: cannot rebuild method {state['method']!r} ({msg[:200]})"
+            f"{path}: cannot rebuild method {state['method']!r} ({_first_line(e)})"
         ) from None
     method.eval()
+    try:
+        preprocessor, reference = _preprocessing(pre), Grid.from_dict(grid)
+        prealign = (config.get("data") or {}).get("prealign")
+        card = dict(extra.get("card") or {})
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise InputError(
+            f"{path}: corrupt preprocessing record in the checkpoint ({_first_line(e)})"
+        ) from None
+    return PretrainedModel(name, method, preprocessor, prealign, reference, card, path)
+
+
+def _preprocessing(pre: dict) -> Preprocessor:
+    """The :class:`Preprocessor` a checkpoint's ``extra["preprocess"]`` records."""
     net = pre["network"]
-    preprocessor = Preprocessor(
+    return Preprocessor(
         NetworkGrid(
             None if net.get("shape") is None else tuple(net["shape"]),
             None if net.get("spacing") is None else tuple(net["spacing"]),
@@ -176,16 +205,11 @@ def load_model(name_or_path: str | os.PathLike) -> PretrainedModel:
         pre.get("percentiles"),
         bool(pre.get("antialias", True)),
     )
-    prealign = (config.get("data") or {}).get("prealign")
-    return PretrainedModel(
-        name,
-        method,
-        preprocessor,
-        prealign,
-        Grid.from_dict(grid),
-        dict(extra.get("card") or {}),
-        path,
-    )
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def export_model(

@@ -122,6 +122,7 @@ def predict(
     if refine < 0:
         raise ValueError(f"refine must be >= 0, got {refine}")
     check_pair(fixed, moving)
+    model.check_pair(fixed, moving)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     if model.prealign is not None:
