@@ -31,11 +31,12 @@ def root(lpba, tmp_path_factory):
 def test_evaluate_pairs_csv_prints_table_and_report(app, root, tmp_path):
     small = root / "lpba40"
     csv = tmp_path / "pairs.csv"
+    (tmp_path / "S99.nii.gz").write_bytes(b"not an image")  # fails when evaluated
     csv.write_text(
         "fixed,moving,fixed_labels,moving_labels,fixed_points,moving_points\n"
         f"{small}/images/S01.nii.gz,{small}/images/S35.nii.gz,{small}/labels/S01.nii.gz,"
         f"{small}/labels/S35.nii.gz,{small}/points/S01.csv,{small}/points/S35.csv\n"
-        f"{small}/images/S01.nii.gz,{small}/images/S99.nii.gz,,,,\n"
+        f"{small}/images/S01.nii.gz,{tmp_path}/S99.nii.gz,,,,\n"
     )
     out = tmp_path / "out"
     res = runner.invoke(
@@ -45,7 +46,7 @@ def test_evaluate_pairs_csv_prints_table_and_report(app, root, tmp_path):
     assert res.exit_code == 0, res.output
     assert "classical:affine" in res.output and "1/2" in res.output  # one pair failed
     assert "Dice [95% CI]" in res.output and "report:" in res.output
-    assert "S99.nii.gz: file not found" in res.output
+    assert "failed classical:affine · S99_to_S01" in res.output and "S99.nii.gz" in res.output
     assert (out / "report.html").is_file()
     assert (out / "records/classical-affine/S35_to_S01.json").is_file()
 

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from learnreg.core.errors import InputError
@@ -38,6 +39,7 @@ Threads = Annotated[
 ]
 Seed = Annotated[int, typer.Option(help="Seed of every random generator used.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+Qc = Annotated[bool, typer.Option("--qc/--no-qc", help="Draw a QC figure of every pair.")]
 
 
 def register_command(app: typer.Typer) -> None:
@@ -77,6 +79,7 @@ def register_command(app: typer.Typer) -> None:
         threads: Threads = None,
         seed: Seed = 0,
         quiet: Quiet = False,
+        qc: Qc = True,
     ) -> None:
         """Evaluate registration methods on pairs: Dice, HD95, TRE, folding, ICE, time.
 
@@ -84,7 +87,7 @@ def register_command(app: typer.Typer) -> None:
         """
         run_evaluate(
             method, output, pairs, atlas, atlas_labels, moving_dir, labels_dir, pattern,
-            resume, isolate, quiet, label_names, threads, seed,
+            resume, isolate, quiet, label_names, threads, seed, qc,
         )  # fmt: skip
 
     @app.command()
@@ -142,6 +145,7 @@ def run_evaluate(
     label_names: Path | None = None,
     threads: int | None = None,
     seed: int = 0,
+    qc: bool = True,
 ) -> list[dict]:
     from learnreg.cli.runtime import configure
     from learnreg.data.datasets import atlas_folder_pairs, pairs_from_csv
@@ -153,7 +157,7 @@ def run_evaluate(
     if pairs_csv is not None and (atlas is not None or moving_dir is not None):
         raise InputError("give either --pairs CSV or --atlas/--moving-dir, not both")
     if pairs_csv is not None:
-        pairs = pairs_from_csv(pairs_csv)
+        pairs = pairs_from_csv(pairs_csv, must_exist=True)
     elif atlas is not None and moving_dir is not None:
         pairs = atlas_folder_pairs(atlas, atlas_labels, moving_dir, labels_dir, pattern)
     elif atlas is not None or moving_dir is not None:
@@ -163,7 +167,7 @@ def run_evaluate(
     if not methods:
         raise InputError("give at least one --method (e.g. classical:default)")
     records = evaluate(
-        methods, pairs, output, resume=resume, isolate=isolate, progress=not quiet,
+        methods, pairs, output, resume=resume, isolate=isolate, progress=not quiet, qc=qc,
         label_names=names, threads=threads,
     )  # fmt: skip
     _print_summary(records, output)
@@ -229,7 +233,7 @@ def results_table(records: list[dict], title: str | None = None) -> Table:
     ]
     # leave out columns no method has a value for (no landmarks, memory not measured)
     columns = [c for c in columns if any(summary[m][c[1]]["n"] for m in methods)]
-    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(title=escape(title) if title else None, box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("method")
     table.add_column("pairs ok", justify="right")
     for header, *_ in columns:
@@ -238,7 +242,7 @@ def results_table(records: list[dict], title: str | None = None) -> Table:
         rows = [r for r in records if r["method"] == method]
         failed = sum(1 for r in rows if r.get("error"))
         cells = [_fmt(summary[method][m], d, scale=sc, ci=ci) for _, m, d, sc, ci in columns]
-        table.add_row(method, f"{len(rows) - failed}/{len(rows)}", *cells)
+        table.add_row(escape(str(method)), f"{len(rows) - failed}/{len(rows)}", *cells)
     return table
 
 
@@ -250,11 +254,14 @@ def _print_summary(records: list[dict], output: Path, title: str | None = None) 
     errors = [r for r in records if r.get("error")]
     for r in errors:
         console.print(
-            f"[red]failed[/] {r['method']} · {r['pair']}: {r['error']}",
+            f"[red]failed[/] {escape(str(r['method']))} · {escape(str(r['pair']))}: "
+            f"{escape(str(r['error']))}",
             highlight=False,
             soft_wrap=True,
         )
     report = Path(output) / "report.html"
     console.print(
-        f"report: {report if report.exists() else Path(output)}", highlight=False, soft_wrap=True
+        escape(f"report: {report if report.exists() else Path(output)}"),
+        highlight=False,
+        soft_wrap=True,
     )

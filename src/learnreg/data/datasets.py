@@ -256,17 +256,19 @@ def subject_pairs(subjects: Sequence[Subject]) -> list[Pair]:
     return [Pair.of(f, m) for f, m in itertools.permutations(subjects, 2)]
 
 
-def pairs_from_csv(path: PathLike) -> list[Pair]:
+def pairs_from_csv(path: PathLike, must_exist: bool = False) -> list[Pair]:
     """Pairs from a CSV with columns ``fixed, moving`` and optionally ``fixed_labels,
     moving_labels, fixed_points, moving_points, name`` (:data:`CSV_COLUMNS`, any order);
     relative paths are relative to the CSV.
 
     Empty cells mean "not given"; labels and landmarks come in pairs (both sides or neither).
-    Names default to ``<moving>_to_<fixed>`` and must be unique.
+    Names default to ``<moving>_to_<fixed>`` and must be unique. ``must_exist``: every file
+    named must exist (else an error naming the row, the column and the file).
     """
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: CSV of pairs not found")
+        problem = "not a file" if path.exists() else "not found"
+        raise InputError(f"{path}: CSV of pairs {problem}")
     rows = read_csv_rows(path, _SCHEMA)
     header = [h.strip().lower() for h in rows[0]]
     unknown = [h for h in header if h not in CSV_COLUMNS]
@@ -274,6 +276,9 @@ def pairs_from_csv(path: PathLike) -> list[Pair]:
         raise InputError(
             f"{path}: unknown column(s) {', '.join(unknown)}; expected columns {_SCHEMA}"
         )
+    repeated = sorted({h for h in header if header.count(h) > 1})
+    if repeated:
+        raise InputError(f"{path}: column(s) {', '.join(repeated)} appear more than once")
     missing = [c for c in ("fixed", "moving") if c not in header]
     if missing:
         raise InputError(
@@ -301,6 +306,10 @@ def pairs_from_csv(path: PathLike) -> list[Pair]:
             for k in _PATH_FIELDS
             if cells.get(k)
         }
+        for k, f in paths.items():
+            if must_exist and not f.exists():
+                where = "" if str(f) == cells[k] else f" (looked for {f})"
+                raise InputError(f"{path}: row {n}: {k} {cells[k]}: file not found{where}")
         name = safe_name(
             cells.get("name") or f"{_stem(paths['moving'])}_to_{_stem(paths['fixed'])}"
         )

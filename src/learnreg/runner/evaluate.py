@@ -14,7 +14,9 @@ everything run before.
 
 Records (one JSON per method and pair, ``outdir/records/<method>/<pair>.json``) follow the
 schema of :func:`empty_record` and are the cache: with ``resume`` a finished pair is not run
-again. A pair that fails is recorded with ``error`` set and never stops the others. The
+again while its :func:`cache_key` is unchanged — the same learnreg version, the same resolved
+method configuration (and files the method reads), and every input file of the pair of the
+same size and modification time. A pair that fails is recorded with ``error`` set and never stops the others. The
 statistics, report and figures of :mod:`learnreg.eval` turn the records into tables.
 """
 
@@ -36,10 +38,11 @@ from learnreg.core.errors import InputError
 from learnreg.data.datasets import Pair, load_pair
 from learnreg.io.result import write_json
 from learnreg.metrics.score import score_result
-from learnreg.runner.methods import Method, resolve_method, slug
+from learnreg.runner.methods import Method, file_signature, resolve_method, slug
 
 __all__ = [
     "RECORD_KEYS",
+    "cache_key",
     "empty_record",
     "evaluate_pair",
     "evaluate",
@@ -87,7 +90,8 @@ def evaluate_pair(
     try:
         _evaluate_into(rec, method, pair, outdir, qc, measure_memory)
     except InputError as e:
-        rec["error"] = str(e)
+        msg, where = str(e), f"pair {pair.name}:"
+        rec["error"] = msg if msg.startswith(where) else f"{where} {msg}"
     except Exception as e:  # a failing registration must not lose the other pairs
         tb = traceback.extract_tb(e.__traceback__)
         where = f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
@@ -168,25 +172,43 @@ def record_path(outdir: PathLike, method_name: str, pair: Pair) -> Path:
     return Path(outdir) / "records" / slug(method_name) / f"{pair.name}.json"
 
 
-def _load_cached(path: Path, method: str, pair: Pair) -> dict | None:
+def cache_key(method: Method, pair: Pair) -> dict:
+    """What the record of ``method`` on ``pair`` depends on: the learnreg version, the
+    method's ``fingerprint(pair)`` (its resolved configuration; a method without one is
+    keyed on its ``repr``) and the signature (:func:`file_signature`) of every input file."""
+    from learnreg import __version__
+
+    fingerprint = getattr(method, "fingerprint", None)
+    files = {k: [v, file_signature(v)] for k, v in pair.to_dict().items() if k != "name" and v}
+    key = {
+        "learnreg": __version__,
+        "method": fingerprint(pair) if fingerprint else {type(method).__qualname__: repr(method)},
+        "inputs": files,
+    }
+    return json.loads(json.dumps(key))  # as it reads back from the record
+
+
+def _load_cached(path: Path, method: str, key: dict, outdir: Path, qc: bool) -> dict | None:
+    """The record cached at ``path`` if it is a finished one of ``method`` under ``key``
+    (with its QC figure, when ``qc``), else None."""
     try:
         rec = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    ok = (
-        isinstance(rec, dict)
-        and rec.get("error") is None
-        and rec.get("method") == method
-        and rec.get("fixed") == str(pair.fixed)
-        and rec.get("moving") == str(pair.moving)
-        and set(RECORD_KEYS) <= set(rec)
-    )
-    return rec if ok else None
+    if not isinstance(rec, dict) or rec.pop("cache_key", None) != key:
+        return None
+    if rec.get("error") is not None or rec.get("method") != method:
+        return None
+    if not set(RECORD_KEYS) <= set(rec):
+        return None
+    if qc and not (rec["qc_png"] and (outdir / rec["qc_png"]).is_file()):
+        return None  # a figure is wanted now, or was removed
+    return rec
 
 
-def _save(path: Path, rec: dict) -> None:
+def _save(path: Path, rec: dict, key: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, rec)
+    write_json(path, {**rec, "cache_key": key})
 
 
 def _run_isolated(
@@ -239,7 +261,8 @@ def evaluate(
         pairs: from :func:`~learnreg.data.datasets.pairs_from_csv`,
             :func:`~learnreg.data.datasets.atlas_folder_pairs` or a suite.
         outdir: report folder; records are cached in ``outdir/records/<method>/<pair>.json``.
-        resume: reuse cached records of pairs that finished without error.
+        resume: reuse cached records of pairs that finished without error, while their
+            :func:`cache_key` (inputs, method configuration) is unchanged.
         isolate: one fresh process per (method, pair), so ``peak_memory_mb`` is its own.
         progress: rich progress bar on stderr.
         report: finish with ``learnreg.eval.report.write_report(records, outdir)``.
@@ -273,14 +296,15 @@ def evaluate(
         for spec, method in zip(methods, resolved, strict=True):
             for pair in pairs:
                 path = record_path(outdir, method.name, pair)
-                rec = _load_cached(path, method.name, pair) if resume else None
+                key = cache_key(method, pair)
+                rec = _load_cached(path, method.name, key, outdir, qc) if resume else None
                 if rec is None:
                     step(f"{method.name} · {pair.name}", advance=0)
                     if isolate:
                         rec = _run_isolated(spec, pair, outdir, qc, threads)
                     else:
                         rec = evaluate_pair(method, pair, outdir, qc)
-                    _save(path, rec)
+                    _save(path, rec, key)
                 records.append(rec)
                 step(f"{method.name} · {pair.name}", advance=1)
     if report:

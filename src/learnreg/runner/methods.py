@@ -14,6 +14,10 @@ RegistrationResult``; specs name them on the command line:
 
 ``LABEL=SPEC`` names a method ``LABEL`` in the tables. New kinds plug in with
 :func:`register_method`.
+
+A method may say what its result for a pair depends on besides the pair's own files
+(``fingerprint(pair)``: its resolved configuration, the files it reads): evaluation reuses a
+cached record only while that is unchanged.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ __all__ = [
     "resolve_method",
     "method_kinds",
     "slug",
+    "file_signature",
     "read_result_folder",
     "ClassicalMethod",
     "ModelMethod",
@@ -89,6 +94,23 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]+", "-", name).strip("-") or "method"
 
 
+def file_signature(path: PathLike) -> list | None:
+    """``[size, mtime_ns]`` of a file; of a folder, ``[name, size, mtime_ns]`` of every file
+    in it; None when ``path`` does not exist. Rewriting a file changes its signature."""
+    path = Path(path)
+    if path.is_dir():
+        return [
+            [f.relative_to(path).as_posix(), *file_signature(f)]
+            for f in sorted(path.rglob("*"))
+            if f.is_file()
+        ]
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
 def resolve_method(spec: str | Method) -> Method:
     """A :class:`Method` from a spec ``[LABEL=]KIND:ARG`` (e.g. ``classical:affine``,
     ``transforms:out/ants``, ``syn=ants:SyN``); a Method passes through."""
@@ -130,6 +152,11 @@ class ClassicalMethod:
             raise InputError(f"--method classical:{self.preset}: {e}") from None
         self.name = self.name or f"classical:{self.preset}"
 
+    def fingerprint(self, pair: Pair) -> dict:
+        from learnreg.optimize.config import preset
+
+        return {"classical": preset(self.preset).to_dict()}
+
     def register(self, fixed: Image, moving: Image, pair: Pair | None = None):
         from learnreg.optimize.classical import register
 
@@ -149,6 +176,10 @@ class TransformsMethod:
         if not self.folder.is_dir():
             raise InputError(f"--method transforms:{self.folder}: folder not found")
         self.name = self.name or f"transforms:{self.folder.name}"
+
+    def fingerprint(self, pair: Pair) -> dict:
+        sub = self.folder / pair.name
+        return {"transforms": str(sub.absolute()), "files": file_signature(sub)}
 
     def register(self, fixed: Image, moving: Image, pair: Pair | None = None):
         if pair is None:
@@ -216,6 +247,11 @@ class AntsMethod:
             ) from None
         self.name = self.name or f"ants:{self.type_of_transform}"
 
+    def fingerprint(self, pair: Pair) -> dict:
+        import ants
+
+        return {"ants": self.type_of_transform, "antspyx": getattr(ants, "__version__", None)}
+
     def register(self, fixed: Image, moving: Image, pair: Pair | None = None):
         import ants
 
@@ -257,6 +293,10 @@ class ModelMethod:
         self._model = load_model(self.model)
         suffix = f",refine={self.refine}" if self.refine else ""
         self.name = self.name or f"model:{Path(self.model).name}{suffix}"
+
+    def fingerprint(self, pair: Pair) -> dict:
+        path = Path(self._model.path or self.model).absolute()
+        return {"model": str(path), "file": file_signature(path), "refine": self.refine}
 
     def register(self, fixed: Image, moving: Image, pair: Pair | None = None):
         from learnreg.zoo.predict import predict
