@@ -337,3 +337,18 @@ def test_full_disk_while_writing_leaves_the_previous_run(inputs, work, monkeypat
     done = register(inputs, "--overwrite")
     assert_refused(done, "No space left on device", code=1)
     assert snapshot(work / "out") == before and leftovers(work) == []
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (64, 1), (3, 64), (2, 2)])
+def test_degenerate_2d_image_is_refused(inputs, work, shape):
+    img = nib.load(str(inputs["moving2d"]))
+    data = np.asarray(img.dataobj, np.float32)[: shape[0], : shape[1]]
+    thin = _write(work / "thin2d.nii.gz", data, img.affine)
+    done = register(inputs, fixed=inputs["fixed2d"], moving=thin)
+    assert_refused(done, "thin2d.nii.gz", "fewer than 4 voxels")
+    assert not (work / "out").exists()
+
+
+def test_2d_pair_registers(inputs, work):
+    assert_succeeded(register(inputs, fixed=inputs["fixed2d"], moving=inputs["moving2d"]))
+    assert (work / "out" / "warp.nii.gz").is_file() and leftovers(work) == []
