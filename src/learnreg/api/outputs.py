@@ -13,7 +13,7 @@ from learnreg.eval.figures import qc_figure
 from learnreg.io.images import write_image
 from learnreg.io.result import save_result, write_json
 from learnreg.losses import functional as L
-from learnreg.metrics import score_result
+from learnreg.metrics import determinant_stats, score_result
 from learnreg.optimize.config import is_multimodal
 from learnreg.spatial.result import RegistrationResult
 from learnreg.spatial.sampling import resample
@@ -43,14 +43,14 @@ def write_outputs(
     write_image(warped, folder / "warped.nii.gz")
     save_result(result, folder, formats)
     jac = result.jacobian_determinant()
-    write_image(Image(jac[None], result.fixed_grid, "jacobian"), folder / "jacobian.nii.gz")
+    write_image(Image(jac[None].float(), result.fixed_grid, "jacobian"), folder / "jacobian.nii.gz")
     labels = fixed_labels is not None and moving_labels is not None
     warped_labels = result.warp(moving_labels, mode="label") if labels else None
     scores = score_result(
         result,
         fixed_labels=fixed_labels if labels else None,
         moving_labels=moving_labels,
-        metrics=("seconds", "jacobian", "dice"),
+        metrics=("seconds", "dice"),
         warped_labels=warped_labels,
     )
     metrics: dict = {"seconds": scores["seconds"]}
@@ -60,8 +60,8 @@ def write_outputs(
         f = fixed.batch().float()
         metrics["lncc_affine"] = -float(L.lncc(f, moved_affine.batch(), window=9))
         metrics["lncc_final"] = -float(L.lncc(f, warped.batch(), window=9))
-    if scores["jacobian"] is not None:  # a deformable part
-        metrics["jacobian"] = scores["jacobian"]
+    if result.deformable is not None:  # the statistics of the determinant map written
+        metrics["jacobian"] = determinant_stats(jac)
     if labels:
         write_image(warped_labels, folder / "warped_labels.nii.gz")
         affine_only = RegistrationResult(result.fixed_grid, result.moving_grid, result.affine)
@@ -78,7 +78,7 @@ def write_outputs(
             displacement=None
             if result.deformable is None
             else result.deformable.voxel_field()[0].numpy(),
-            jacobian=jac.numpy() if result.deformable is not None else None,
+            jacobian=jac.float().numpy() if result.deformable is not None else None,
             title=f"{Path(moving.name).name} → {Path(fixed.name).name}",
             grid=fixed.grid,
             multimodal=is_multimodal(result.info.get("config")),

@@ -10,7 +10,11 @@ that scores a whole :class:`~learnreg.spatial.result.RegistrationResult` (Dice, 
 Jacobian, inverse consistency, time) for all of them.
 """
 
-from learnreg.metrics.deformation import inverse_consistency_error, jacobian_stats
+from learnreg.metrics.deformation import (
+    determinant_stats,
+    inverse_consistency_error,
+    jacobian_stats,
+)
 from learnreg.metrics.landmarks import tre
 from learnreg.metrics.overlap import dice_per_label, mean_dice
 from learnreg.metrics.score import METRICS, score_result
@@ -25,6 +29,7 @@ __all__ = [
     "hd95",
     "tre",
     "jacobian_stats",
+    "determinant_stats",
     "inverse_consistency_error",
     "METRICS",
     "score_result",

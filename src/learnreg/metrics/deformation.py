@@ -11,7 +11,7 @@ from learnreg.metrics._arrays import ArrayLike, _field, _mask
 from learnreg.spatial.differential import jacobian_determinant
 from learnreg.spatial.sampling import warp
 
-__all__ = ["jacobian_stats", "inverse_consistency_error"]
+__all__ = ["jacobian_stats", "determinant_stats", "inverse_consistency_error"]
 
 
 def jacobian_stats(
@@ -38,7 +38,12 @@ def jacobian_stats(
     - ``min``, ``max``, ``mean`` of det J.
     """
     u = _field(displacement)
-    det = jacobian_determinant(u, spacing)[0].numpy()
+    return determinant_stats(jacobian_determinant(u, spacing)[0], mask)
+
+
+def determinant_stats(det: ArrayLike, mask: ArrayLike | None = None) -> dict[str, float]:
+    """:func:`jacobian_stats` of an already computed determinant map ``(*S)``."""
+    det = np.asarray(torch.as_tensor(det).detach().cpu().numpy())
     m = _mask(mask, det.shape)
     vals = det[m]
     if vals.size == 0:

@@ -138,10 +138,11 @@ class RegistrationResult:
 
     @torch.no_grad()
     def jacobian_determinant(self) -> torch.Tensor:
-        """det of the Jacobian of ``x ↦ x + u(x)`` on the fixed grid, ``(*S)`` (1 without u)."""
+        """det of the Jacobian of ``x ↦ x + u(x)`` on the fixed grid, ``(*S)`` (1 without u),
+        in float64 (as :func:`~learnreg.metrics.jacobian_stats` computes it)."""
         if self.deformable is None:
-            return torch.ones(self.fixed_grid.shape)
-        return jacobian_determinant(self.deformable.voxel_field())[0]
+            return torch.ones(self.fixed_grid.shape, dtype=torch.float64)
+        return jacobian_determinant(self.deformable.voxel_field().double())[0]
 
     def _check(self, image: Image) -> None:
         if image.ndim != self.ndim:
