@@ -258,3 +258,17 @@ def test_label_resampling_of_real_labels(label_crop):
     assert (near == ref)[mask].mean() > 0.995
     assert (out == ref)[mask].mean() > 0.9
     assert (out == near).mean() > 0.9
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_world_points_of_every_voxel_match_simpleitk(d):
+    rng = np.random.default_rng(10 + d)
+    g = random_grid((5, 7, 4)[:d], rng)
+    pts = g.world_points(torch.float64).reshape(-1, d).numpy()
+    ref = sitk_image(np.zeros(g.shape, np.float32), g.origin, g.spacing, g.direction)
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in g.shape], indexing="ij"), -1)
+    expected = [
+        _flip(d) @ np.asarray(ref.TransformIndexToPhysicalPoint(tuple(map(int, i))))
+        for i in idx.reshape(-1, d)
+    ]
+    np.testing.assert_allclose(pts, np.asarray(expected), atol=1e-6)
