@@ -68,6 +68,23 @@ def cli(*args: str | Path) -> Outcome:
     return Outcome(code, out.getvalue(), err.getvalue(), exc)
 
 
+def fast_register(inputs, *extra, fixed=None, moving=None, out="out") -> Outcome:
+    """``learnreg register`` of the small pair (or ``fixed``/``moving``) into ``out`` with the
+    fast configuration, no QC figure; ``extra`` flags appended."""
+    return cli(
+        "register",
+        fixed or inputs["fixed"],
+        moving or inputs["moving"],
+        "-o",
+        out,
+        "--config",
+        inputs["config"],
+        "-q",
+        "--no-qc",
+        *extra,
+    )
+
+
 def assert_refused(outcome: Outcome, *needles: str, code: int = 2) -> str:
     """The command failed cleanly: exit ``code``, one ``error:`` line holding every needle
     (file names, the problem), no traceback. Returns that line."""
@@ -155,19 +172,7 @@ def work(tmp_path: Path, monkeypatch) -> Path:
 def registered(inputs, tmp_path_factory) -> Path:
     """A result folder of a fast 3D registration (made once; cases copy what they damage)."""
     out = tmp_path_factory.mktemp("registered") / "run"
-    assert_succeeded(
-        cli(
-            "register",
-            inputs["fixed"],
-            inputs["moving"],
-            "-o",
-            out,
-            "--config",
-            inputs["config"],
-            "-q",
-            "--no-qc",
-        )
-    )
+    assert_succeeded(fast_register(inputs, out=out))
     return out
 
 

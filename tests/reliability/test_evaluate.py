@@ -22,7 +22,13 @@ import torch
 import yaml
 
 from learnreg.runner import evaluate as ev
-from tests.reliability.conftest import assert_refused, assert_succeeded, cli, leftovers
+from tests.reliability.conftest import (
+    assert_refused,
+    assert_succeeded,
+    cli,
+    fast_register,
+    leftovers,
+)
 
 HEADER = "fixed,moving,fixed_labels,moving_labels,fixed_points,moving_points,name"
 ROW = (
@@ -56,8 +62,7 @@ def data(inputs, work) -> Path:
 def saved(inputs, tmp_path_factory) -> Path:
     """``saved/p``: the result folder of a fast registration of the pair (``transforms:``)."""
     root = tmp_path_factory.mktemp("saved") / "saved"
-    done = cli("register", inputs["fixed"], inputs["moving"], "-o", root / "p", "--config",
-               inputs["config"], "-q", "--no-qc")  # fmt: skip
+    done = fast_register(inputs, out=root / "p")
     assert_succeeded(done)
     return root
 

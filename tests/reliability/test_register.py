@@ -16,25 +16,11 @@ from tests.reliability.conftest import (
     assert_refused,
     assert_succeeded,
     cli,
+    fast_register,
     leftovers,
     snapshot,
 )
 from tests.reliability.faults import FAULTS
-
-
-def register(inputs, *extra, fixed=None, moving=None, out="out"):
-    return cli(
-        "register",
-        fixed or inputs["fixed"],
-        moving or inputs["moving"],
-        "-o",
-        out,
-        "--config",
-        inputs["config"],
-        "-q",
-        "--no-qc",
-        *extra,
-    )
 
 
 # ---------------------------------------------------------------------------- image faults
@@ -42,13 +28,13 @@ def register(inputs, *extra, fixed=None, moving=None, out="out"):
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_bad_image_is_refused_before_anything_is_written(inputs, work, role, fault):
     bad, problem = FAULTS[fault](inputs[role], work)
-    done = register(inputs, **{role: bad})
+    done = fast_register(inputs, **{role: bad})
     assert_refused(done, problem, bad.name)
     assert not (work / "out").exists() and leftovers(work) == []
 
 
 def test_dimensionality_mismatch(inputs, work):
-    done = register(inputs, moving=inputs["moving2d"])
+    done = fast_register(inputs, moving=inputs["moving2d"])
     assert_refused(done, "moving2d.nii.gz", "2D", "3D")
     assert not (work / "out").exists()
 
@@ -62,7 +48,7 @@ def test_moving_far_smaller_field_of_view_warns(inputs, work):
     aff[:3, 3] = aff[:3, :3] @ [cx - 2, cy - 2, cz - 2] + aff[:3, 3]
     small = work / "small.nii.gz"
     nib.save(nib.Nifti1Image(crop, aff), str(small))
-    done = register(inputs, moving=small)
+    done = fast_register(inputs, moving=small)
     assert_succeeded(done)
     assert "barely overlap" in done.stderr
     metrics = json.loads((work / "out" / "result.json").read_text())
@@ -89,7 +75,7 @@ def test_header_without_orientation_is_read_as_itk_reads_it(inputs, work):
         ras = lps * [-1, -1, 1]
         world = ours.grid.index_to_world(torch.tensor(idx, dtype=torch.float64))
         np.testing.assert_allclose(world.numpy(), ras, atol=1e-4)
-    done = register(inputs, moving=path)
+    done = fast_register(inputs, moving=path)
     assert_succeeded(done)
     assert "no orientation" in done.stderr
 
@@ -133,7 +119,7 @@ LABEL_FAULTS = ["intensity image", "fractional", "nan", "other grid", "missing"]
 def test_bad_label_map_is_refused(inputs, work, role, kind):
     bad, problem = _label_fault(kind, inputs, work)
     other = "moving" if role == "fixed" else "fixed"
-    done = register(
+    done = fast_register(
         inputs,
         f"--{role}-labels",
         bad,
@@ -145,7 +131,7 @@ def test_bad_label_map_is_refused(inputs, work, role, kind):
 
 
 def test_real_label_maps_are_accepted(inputs, work):
-    done = register(
+    done = fast_register(
         inputs, "--fixed-labels", inputs["fixed_labels"], "--moving-labels", inputs["moving_labels"]
     )
     assert_succeeded(done)
@@ -164,7 +150,7 @@ def test_bad_mask_is_refused(inputs, work, role, kind):
     else:
         bad = _write(work / "mask2d.nii.gz", np.ones((20, 20)), np.eye(4), np.uint8)
         problem = "2D"
-    done = register(inputs, f"--{role}-mask", bad)
+    done = fast_register(inputs, f"--{role}-mask", bad)
     assert_refused(done, problem, bad.name)
     assert not (work / "out").exists()
 
@@ -235,7 +221,7 @@ def test_non_empty_folder_is_refused_and_untouched(inputs, work):
     (work / "out").mkdir()
     (work / "out" / "notes.txt").write_text("mine")
     before = snapshot(work / "out")
-    assert_refused(register(inputs), "not empty", "--overwrite", "out")
+    assert_refused(fast_register(inputs), "not empty", "--overwrite", "out")
     assert snapshot(work / "out") == before and leftovers(work) == []
 
 
@@ -243,14 +229,14 @@ def test_overwrite_never_deletes_files_learnreg_did_not_write(inputs, work):
     (work / "out").mkdir()
     (work / "out" / "thesis.tex").write_text("years of work")
     before = snapshot(work / "out")
-    assert_refused(register(inputs, "--overwrite"), "only a folder that learnreg wrote")
+    assert_refused(fast_register(inputs, "--overwrite"), "only a folder that learnreg wrote")
     assert snapshot(work / "out") == before
 
 
 def test_overwrite_replaces_the_whole_folder(inputs, work):
-    assert_succeeded(register(inputs))
+    assert_succeeded(fast_register(inputs))
     assert (work / "out" / "warp.nii.gz").is_file()
-    assert_refused(register(inputs, "--preset", "affine"), "not empty")
+    assert_refused(fast_register(inputs, "--preset", "affine"), "not empty")
     done = cli(
         "register",
         inputs["fixed"],
@@ -272,24 +258,24 @@ def test_overwrite_replaces_the_whole_folder(inputs, work):
 
 def test_empty_existing_folder_is_used(inputs, work):
     (work / "out").mkdir()
-    assert_succeeded(register(inputs))
+    assert_succeeded(fast_register(inputs))
     assert (work / "out" / "affine.mat").is_file()
 
 
 def test_nested_new_folder_is_created(inputs, work):
-    assert_succeeded(register(inputs, out="a/b/c"))
+    assert_succeeded(fast_register(inputs, out="a/b/c"))
     assert (work / "a" / "b" / "c" / "warp.nii.gz").is_file()
 
 
 def test_output_that_is_a_file_is_refused(inputs, work):
     (work / "out").write_text("x")
-    assert_refused(register(inputs), "not a folder")
+    assert_refused(fast_register(inputs), "not a folder")
     assert (work / "out").read_text() == "x"
 
 
 def test_current_folder_with_files_is_refused(inputs, work):
     (work / "data.csv").write_text("1,2\n")
-    assert_refused(register(inputs, out="."), "not empty")
+    assert_refused(fast_register(inputs, out="."), "not empty")
     assert (work / "data.csv").read_text() == "1,2\n"
 
 
@@ -297,15 +283,15 @@ def test_stale_staging_of_a_killed_run_is_removed(inputs, work):
     stale = work / ".learnreg-partial-out-dead1234"
     stale.mkdir()
     (stale / "warp.nii.gz").write_bytes(b"half")
-    assert_succeeded(register(inputs))
+    assert_succeeded(fast_register(inputs))
     assert not stale.exists() and leftovers(work) == []
 
 
 def test_folder_moved_aside_by_a_killed_swap_comes_back(inputs, work):
-    assert_succeeded(register(inputs))
+    assert_succeeded(fast_register(inputs))
     before = snapshot(work / "out")
     os.rename(work / "out", work / ".learnreg-old-out-999-abcd")  # killed between renames
-    assert_refused(register(inputs), "not empty")  # the earlier run is back, and protected
+    assert_refused(fast_register(inputs), "not empty")  # the earlier run is back, and protected
     assert snapshot(work / "out") == before and leftovers(work) == []
 
 
@@ -316,7 +302,7 @@ def test_a_folder_being_written_by_another_run_is_refused(inputs, work):
     os.write(fd, b"4242")
     fcntl.flock(fd, fcntl.LOCK_EX)
     try:
-        assert_refused(register(inputs), "another learnreg run (pid 4242)")
+        assert_refused(fast_register(inputs), "another learnreg run (pid 4242)")
     finally:
         os.close(fd)
     assert not (work / "out").exists()
@@ -327,14 +313,14 @@ def test_full_disk_while_writing_leaves_the_previous_run(inputs, work, monkeypat
 
     import learnreg.api.outputs as outputs
 
-    assert_succeeded(register(inputs))
+    assert_succeeded(fast_register(inputs))
     before = snapshot(work / "out")
 
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", "warped.nii.gz")
 
     monkeypatch.setattr(outputs, "write_image", no_space)
-    done = register(inputs, "--overwrite")
+    done = fast_register(inputs, "--overwrite")
     assert_refused(done, "No space left on device", code=1)
     assert snapshot(work / "out") == before and leftovers(work) == []
 
@@ -344,11 +330,11 @@ def test_degenerate_2d_image_is_refused(inputs, work, shape):
     img = nib.load(str(inputs["moving2d"]))
     data = np.asarray(img.dataobj, np.float32)[: shape[0], : shape[1]]
     thin = _write(work / "thin2d.nii.gz", data, img.affine)
-    done = register(inputs, fixed=inputs["fixed2d"], moving=thin)
+    done = fast_register(inputs, fixed=inputs["fixed2d"], moving=thin)
     assert_refused(done, "thin2d.nii.gz", "fewer than 4 voxels")
     assert not (work / "out").exists()
 
 
 def test_2d_pair_registers(inputs, work):
-    assert_succeeded(register(inputs, fixed=inputs["fixed2d"], moving=inputs["moving2d"]))
+    assert_succeeded(fast_register(inputs, fixed=inputs["fixed2d"], moving=inputs["moving2d"]))
     assert (work / "out" / "warp.nii.gz").is_file() and leftovers(work) == []

@@ -19,8 +19,8 @@ from tests.reliability.conftest import (
     FAST_CONFIG,
     SCRIPT,
     assert_succeeded,
-    cli,
     environment_without_pythonpath,
+    fast_register,
     leftovers,
     snapshot,
 )
@@ -76,8 +76,7 @@ def test_signal_ends_with_one_line_and_leaves_nothing(inputs, work, slow_config,
 
 
 def test_sigint_keeps_the_previous_run(inputs, work, slow_config):
-    assert_succeeded(cli("register", inputs["fixed"], inputs["moving"], "-o", work / "out",
-                         "--config", inputs["config"], "-q", "--no-qc"))  # fmt: skip
+    assert_succeeded(fast_register(inputs, out=work / "out"))
     before = snapshot(work / "out")
     proc = _start(inputs, work, slow_config, "--overwrite")
     _wait_for_staging(work, proc)
@@ -89,8 +88,7 @@ def test_sigint_keeps_the_previous_run(inputs, work, slow_config):
 
 @pytest.mark.parametrize("delay", [0.0, 0.5])
 def test_sigkill_leaves_old_or_new_never_a_mix(inputs, work, slow_config, delay):
-    assert_succeeded(cli("register", inputs["fixed"], inputs["moving"], "-o", work / "out",
-                         "--config", inputs["config"], "-q", "--no-qc"))  # fmt: skip
+    assert_succeeded(fast_register(inputs, out=work / "out"))
     before = snapshot(work / "out")
     proc = _start(inputs, work, slow_config, "--overwrite")
     _wait_for_staging(work, proc)
@@ -101,8 +99,7 @@ def test_sigkill_leaves_old_or_new_never_a_mix(inputs, work, slow_config, delay)
     if after != before:  # the new run finished before the kill: then it is whole
         assert MARKER in after and "warp.nii.gz" in after and "result.json" in after
     # the next run into the folder removes what the killed one left, and succeeds
-    done = cli("register", inputs["fixed"], inputs["moving"], "-o", work / "out", "--config",
-               inputs["config"], "-q", "--no-qc", "--overwrite")  # fmt: skip
+    done = fast_register(inputs, "--overwrite", out=work / "out")
     assert_succeeded(done)
     assert leftovers(work) == []
 
