@@ -17,6 +17,7 @@ from learnreg.core.grid import Grid
 from learnreg.core.image import Image
 from learnreg.io.images import read_image, read_labels
 from learnreg.metrics import score_result
+from learnreg.optimize.initialize import com_init
 
 
 def _axial(path: Path, labels: bool = False, z: int = 80) -> Image:
@@ -55,19 +56,28 @@ def pair(lpba: Path) -> dict:
     }
 
 
-def _dice(pair: dict, moving: Image, masks: dict) -> float:
-    reg = learnreg.register(pair["f"], moving, **masks)
+def _dice(pair: dict, moving: Image, masks: dict, shift: float = 0.0) -> float:
+    """Dice after registering from the centres of mass moved by ``shift`` mm."""
+    start = com_init(pair["f"], moving).double()
+    start[0, -1] += shift
+    reg = learnreg.register(pair["f"], moving, initial=start.numpy(), **masks)
     return score_result(
         reg.result, fixed_labels=pair["fl"], moving_labels=pair["ml"], metrics=("dice",)
     )["dice_mean"]
 
 
+# The unmasked registration of the corrupted image is chaotic: a start moved by 1e-6 mm
+# changes its Dice by 0.05, so it is compared as a mean over three starts.
+SHIFTS = (0.0, 0.3, 0.6)
+
+
 def test_corruption_outside_the_mask_changes_nothing(pair: dict):
-    clean, bad = _dice(pair, pair["m"], {}), _dice(pair, pair["bad"], {})
-    assert bad < clean - 0.015  # measured 0.394 vs 0.430: the disc pulls the unmasked metric
+    clean = np.mean([_dice(pair, pair["m"], {}, s) for s in SHIFTS])
+    bad = np.mean([_dice(pair, pair["bad"], {}, s) for s in SHIFTS])
+    assert bad < clean - 0.015  # measured 0.372 vs 0.439: the disc pulls the unmasked metric
     clean_m = _dice(pair, pair["m"], pair["masks"])
     bad_m = _dice(pair, pair["bad"], pair["masks"])
-    assert abs(bad_m - clean_m) < 0.01  # measured 0.4495 vs 0.4482
+    assert abs(bad_m - clean_m) < 0.01  # measured 0.4396 vs 0.4396
     assert bad_m > bad + 0.02
 
 

@@ -43,7 +43,7 @@ def jacobian_stats(
 
 def determinant_stats(det: ArrayLike, mask: ArrayLike | None = None) -> dict[str, float]:
     """:func:`jacobian_stats` of an already computed determinant map ``(*S)``."""
-    det = np.asarray(torch.as_tensor(det).detach().cpu().numpy())
+    det = np.asarray(torch.as_tensor(det).detach().cpu().numpy(), dtype=np.float64)
     m = _mask(mask, det.shape)
     vals = det[m]
     if vals.size == 0:

@@ -24,7 +24,7 @@ import torch
 
 from learnreg.core.image import Image
 from learnreg.core.options import check_option
-from learnreg.metrics.deformation import inverse_consistency_error, jacobian_stats
+from learnreg.metrics.deformation import determinant_stats, inverse_consistency_error
 from learnreg.metrics.landmarks import tre
 from learnreg.metrics.overlap import dice_per_label
 from learnreg.metrics.surface import hd95 as hd95_per_label
@@ -98,7 +98,7 @@ def score_result(
     - ``hd95``: ``{label: HD95 in mm}`` (fixed spacing), ``hd95_mean``;
     - ``tre_mean``, ``tre_max``: target registration error (mm);
     - ``folding_fraction``, ``folding_count``, ``sdlogj`` of the deformable part
-      (:func:`~learnreg.metrics.jacobian_stats`; 0 for an affine-only result) and
+      (:func:`~learnreg.metrics.determinant_stats` of the result's determinant map; 0 for an affine-only result) and
       ``jacobian``, the full statistics (``None`` for an affine-only result);
     - ``ice_mean``: mean inverse-consistency error (mm) of the deformable part and its
       inverse (``None`` without an inverse);
@@ -137,7 +137,7 @@ def score_result(
             if u is None:  # affine only: the deformable part is the identity
                 out["folding_fraction"], out["folding_count"], out["sdlogj"] = 0.0, 0, 0.0
             else:
-                js = jacobian_stats(u)
+                js = determinant_stats(result.jacobian_determinant())
                 out["jacobian"] = js
                 out["folding_fraction"] = js["folding_fraction"]
                 out["folding_count"] = js["folding_count"]

@@ -14,11 +14,13 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from learnreg.core.errors import InputError
-from learnreg.core.grid import Grid, apply_matrix
+from learnreg.core.grid import Grid
 from learnreg.core.image import Image
 from learnreg.io.validate import check_axes
+from learnreg.optimize.adam import Adam
 from learnreg.optimize.config import (
     ClassicalConfig,
     DeformableStage,
@@ -113,7 +115,9 @@ def register(
         info["warnings"] = warnings
         for w in warnings:
             log.warning("%s → %s: %s", moving.name, fixed.name, w)
-    return RegistrationResult(fixed.grid, moving.grid, affine, fwd, inv, info)
+    if fwd is None:
+        return RegistrationResult(fixed.grid, moving.grid, affine, info=info)
+    return RegistrationResult.from_native(fixed.grid, moving.grid, affine, fwd, inv, info)
 
 
 def check_pair(fixed: Image, moving: Image) -> None:
@@ -147,6 +151,19 @@ def _normalizing_frame(grid: Grid, center: torch.Tensor) -> torch.Tensor:
     return n
 
 
+def _sampling_frames(fixed: Grid, moving: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """Homogeneous matrices (float64) around a world-space affine ``A`` such that
+    ``to_sample @ A @ to_world`` maps the fixed grid's normalized coordinates to the moving
+    grid's, both in grid_sample's (x, y, z) order: ``F.affine_grid`` of it gives the sampling
+    coordinates of every fixed voxel without a per-voxel point array."""
+    d = fixed.ndim
+    flip = np.eye(d + 1)
+    flip[:d, :d] = np.eye(d)[::-1]
+    to_world = fixed.affine @ np.linalg.inv(fixed.index_to_normalized) @ flip
+    to_sample = flip @ moving.world_to_normalized
+    return torch.from_numpy(to_world), torch.from_numpy(to_sample)
+
+
 def _linear_stage(
     fixed: Pyramid,
     moving: Pyramid,
@@ -159,7 +176,7 @@ def _linear_stage(
     frame = _normalizing_frame(fixed.image.grid, center_of_mass(fixed.image))
     frame_inv = torch.linalg.inv(frame)
     delta = create_transform(stage.model, ndim=fixed.image.ndim, learnable=True)
-    opt = torch.optim.Adam(delta.parameters(), lr=stage.learning_rate)
+    opt = Adam(delta.parameters(), lr=stage.learning_rate)
     sim = similarity_terms(stage, config)
 
     def total() -> torch.Tensor:
@@ -168,11 +185,13 @@ def _linear_stage(
 
     for shrink, iters in zip(stage.shrink, stage.iterations, strict=True):
         fl, ml = fixed.level(shrink), moving.level(shrink)
-        pts = fl.grid.world_points().unsqueeze(0)
+        to_world, to_sample = _sampling_frames(fl.grid, ml.grid)
         target = fl.batch()
+        size = (1, 1, *fl.grid.shape)
         for it in range(iters):
-            opt.zero_grad(set_to_none=True)
-            coords = ml.grid.world_to_grid_sample(apply_matrix(total(), pts))
+            opt.zero_grad()
+            theta = (to_sample @ total().double() @ to_world).float()[None, :-1]
+            coords = F.affine_grid(theta, size, align_corners=True)
             warped, weight = masks.sample(fl, ml, coords)
             loss = sim(target, warped, **masks.overrides(weight))["total"]
             loss.backward()
@@ -193,6 +212,9 @@ def _svf_stage(
     initial: DisplacementField | None = None,
     masks: MetricMasks | None = None,
 ) -> tuple[DisplacementField, DisplacementField]:
+    """The velocity optimized coarse to fine: ``(exp(v), exp(−v))`` on the velocity's grid
+    (for ``model="displacement"``: the displacement there and its iterative inverse on the
+    fixed grid)."""
     masks = masks or MetricMasks(fixed.image, moving.image)
     sim = similarity_terms(stage, config)
     reg = regularization_terms(stage)
@@ -217,7 +239,7 @@ def _svf_stage(
             velocity = resize_displacement(velocity, vgrid.shape)
         base = base_on(vgrid)
         param = torch.nn.Parameter(velocity)
-        opt = torch.optim.Adam([param], lr=stage.learning_rate)
+        opt = Adam([param], lr=stage.learning_rate)
         pts = affine(fl.grid.world_points().unsqueeze(0))
         # level-grid voxel displacement → moving world offset: affine ∘ (direction · spacing)
         to_world = affine.homogeneous()[0, :-1, :-1] @ torch.as_tensor(
@@ -225,7 +247,7 @@ def _svf_stage(
         )
         target = fl.batch()
         for it in range(iters):
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             v = base + gaussian_blur(param, stage.velocity_sigma)
             u = resize_displacement(exp(v), fl.grid.shape)
             mapped = pts + u.movedim(1, -1) @ to_world.T
@@ -239,10 +261,10 @@ def _svf_stage(
     assert velocity is not None
     with torch.no_grad():
         v = base + gaussian_blur(velocity, stage.velocity_sigma)
-        grid = fixed.image.grid
-        fwd = DisplacementField(grid, resize_displacement(exp(v), grid.shape))
+        fwd = DisplacementField(vgrid, exp(v))
         if diffeomorphic:  # exact inverse of exp(v) is exp(-v)
-            inv = DisplacementField(grid, resize_displacement(exp(-v), grid.shape))
-        else:
-            inv = fwd.inverse()
+            inv = DisplacementField(vgrid, exp(-v))
+        else:  # iterative inverse, on the fixed grid
+            inv = DisplacementField(fixed.image.grid, fwd.voxel_displacement(fixed.image.grid))
+            inv = inv.inverse()
     return fwd, inv

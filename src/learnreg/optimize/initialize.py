@@ -36,9 +36,13 @@ duplicates removed)."""
 
 def center_of_mass(image: Image) -> torch.Tensor:
     """Intensity-weighted centre (world mm, float64) of the non-negative part of ``image``."""
-    w = image.data[0].double().clamp(min=0)
-    pts = image.grid.world_points(torch.float64)
-    return (pts * w[..., None]).reshape(-1, image.ndim).sum(0) / w.sum().clamp(min=1e-12)
+    w = image.data[0].float().clamp(min=0)
+    # index-space centre from the marginals (no per-voxel coordinate array), then to world
+    marginals = [w.sum(dim=[a for a in range(w.dim()) if a != k]).double() for k in range(w.dim())]
+    total = marginals[0].sum().clamp(min=1e-12)
+    index = [(m * torch.arange(len(m), dtype=m.dtype)).sum() / total for m in marginals]
+    affine = torch.as_tensor(image.grid.affine, dtype=torch.float64)
+    return affine[:-1, :-1] @ torch.stack(index) + affine[:-1, -1]
 
 
 def _about_centres(rotation: torch.Tensor, fixed_c: torch.Tensor, moving_c: torch.Tensor):
@@ -172,8 +176,9 @@ def overlap_warning(fixed: Image, moving: Image, matrix: torch.Tensor) -> str | 
     grid = fixed.grid
     stride = max(1, round((grid.numel / 4096) ** (1 / grid.ndim)))
     every = (slice(None, None, stride),) * grid.ndim
-    data = fixed.data[0].double()[every]
-    pts = grid.world_points(torch.float64)[every]
+    data = fixed.data[0][every].double()
+    axes = [torch.arange(0, n, stride, dtype=torch.float64) for n in grid.shape]
+    pts = grid.index_to_world(torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1))
     fg = data > data.mean()
     if not bool(fg.any()):
         return None

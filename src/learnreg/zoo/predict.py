@@ -169,6 +169,6 @@ def predict(
             transform, fixed.grid, moving.grid, then=affine, info=info
         )
     timings["refine" if refine else "resample"] = time.perf_counter() - t2
-    info["timings"] = timings
-    info["seconds"] = time.perf_counter() - t0
+    result.info["timings"] = timings
+    result.info["seconds"] = time.perf_counter() - t0
     return result
