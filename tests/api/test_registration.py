@@ -53,7 +53,9 @@ def test_readme_python_example_runs(data_root: Path, tmp_path: Path, monkeypatch
     assert "classical" in repr(reg) and reg.result.deformable is not None
     assert (tmp_path / "out-api" / "warp.nii.gz").is_file()
     assert (tmp_path / "out-api" / "metrics.json").is_file()
-    assert torch.allclose(scope["same"].data, scope["warped"].data, atol=1e-5)
+    warped = scope["warped"].data  # the saved warp is re-interpolated: float32 rounding
+    span = float(warped.max() - warped.min())
+    assert float((scope["same"].data - warped).abs().max()) < 1e-5 * span
     assert isinstance(scope["back"], nib.Nifti1Image)
     assert scope["back"].shape == read_image(data_root / MOVING).grid.shape
     assert scope["affine_only"].result.deformable is None

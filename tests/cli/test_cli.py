@@ -71,6 +71,8 @@ def registered(pair, tmp_path_factory) -> Path:
         pair["fixed_labels"],
         "--moving-labels",
         pair["moving_labels"],
+        "--qc",
+        "--jacobian",
     )
     assert done.returncode == 0, done.stderr
     return out

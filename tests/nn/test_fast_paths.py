@@ -21,7 +21,7 @@ from learnreg.core.grid import Grid
 from learnreg.methods.registry import create_method
 from learnreg.nn.blocks import FlowHead
 from learnreg.nn.unet import UNet
-from learnreg.spatial import sampling
+from learnreg.spatial import sampling, svf
 from learnreg.spatial.fields import compose_displacements
 from learnreg.spatial.sampling import displaced_grid_sample_coords, sample, warp
 from learnreg.spatial.svf import integrate_velocity
@@ -175,8 +175,10 @@ def test_integrate_velocity_equals_repeated_composition(monkeypatch, shape, thre
         torch.set_num_threads(old)
 
 
-def test_integrate_velocity_graph_keeps_at_most_one_field():
-    """The squarings are recomputed in backward: the graph holds no per-step fields."""
+def test_integrate_velocity_graph_keeps_at_most_one_field(monkeypatch):
+    """The squarings are recomputed in backward: the graph holds no per-step fields (for
+    fields of CHECKPOINT_MIN values and more; lowered here to keep the test small)."""
+    monkeypatch.setattr(svf, "CHECKPOINT_MIN", 1)
     v = torch.randn(1, 3, 8, 10, 12, requires_grad=True)
     saved: list[int] = []
 

@@ -116,26 +116,37 @@ class Registration:
     def save(
         self,
         folder: str | Path,
-        qc: bool = True,
+        qc: bool = False,
         formats: Sequence[str] = ("ants",),
         overwrite: bool = False,
+        jacobian: bool = False,
+        warp_grid: str = "native",
     ) -> Path:
         """Write the result folder ``learnreg register`` writes (transforms, ``result.json``;
-        with the images: warped image, Jacobian, ``metrics.json``, ``qc.png`` unless ``qc``
-        is False), atomically: a failed save leaves nothing half written. ``formats``: the
-        transform file sets, ``"ants"`` (always) and ``"h5"`` (ITK composites). A folder
-        that is not empty is refused unless ``overwrite`` (then replaced as a whole)."""
+        with the images: warped image and ``metrics.json``, plus ``jacobian.nii.gz`` with
+        ``jacobian`` and ``qc.png`` with ``qc``), atomically: a failed save leaves nothing
+        half written. ``formats``: the transform file sets, ``"ants"`` (always) and ``"h5"``
+        (ITK composites); ``warp_grid``: warps on the grid they were computed on
+        (``"native"``) or on the fixed image's (``"fixed"``). A folder that is not empty is
+        refused unless ``overwrite`` (then replaced as a whole)."""
         folder = Path(folder)
         with output_folder(folder, overwrite, "Registration.save") as stage:
-            self.write(stage, qc, formats)
+            self.write(stage, qc, formats, jacobian, warp_grid)
         self.folder = folder
         return folder
 
-    def write(self, folder: Path, qc: bool = True, formats: Sequence[str] = ("ants",)) -> dict:
+    def write(
+        self,
+        folder: Path,
+        qc: bool = False,
+        formats: Sequence[str] = ("ants",),
+        jacobian: bool = False,
+        warp_grid: str = "native",
+    ) -> dict:
         """What :meth:`save` writes, directly into the existing folder ``folder``; returns
         the metrics (empty without the images)."""
         if self.fixed is None or self.moving is None:
-            save_result(self.result, folder, formats)
+            save_result(self.result, folder, formats, warp_grid)
             return {}
         return write_outputs(
             self.result,
@@ -146,6 +157,8 @@ class Registration:
             self.moving_labels,
             qc=qc,
             formats=formats,
+            jacobian=jacobian,
+            warp_grid=warp_grid,
         )
 
     def to_sitk(self, inverse: bool = False):

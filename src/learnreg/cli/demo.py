@@ -118,7 +118,9 @@ def run_demo(output: Path, overwrite: bool = False) -> dict:
         with progress_display(False) as progress:
             result = register(fixed, moving, "default", progress=progress)
         result.info["seconds"] = time.perf_counter() - t0
-        metrics = write_outputs(result, fixed, moving, stage, fixed_labels, moving_labels)
+        metrics = write_outputs(
+            result, fixed, moving, stage, fixed_labels, moving_labels, qc=True, jacobian=True
+        )
         # recovery: S(T(p)) should return p for points in the brain
         pts = fixed.grid.world_points()[labels > 0][::50]
         err = (truth(result.map_points(pts)[None])[0] - pts).norm(dim=-1)

@@ -12,7 +12,7 @@ from learnreg.cli.runtime import configure, logging_into, parse_transform_argume
 from learnreg.core.errors import InputError
 from learnreg.core.options import check_option
 from learnreg.core.run_folder import output_folder
-from learnreg.io.result import FORMATS
+from learnreg.io.result import FORMATS, WARP_GRIDS
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,9 @@ def run_register(
     formats: list[str] | None = None,
     threads: int | None = None,
     seed: int = 0,
-    qc: bool = True,
+    qc: bool = False,
+    jacobian: bool = False,
+    warp_grid: str = "native",
     verbose: int = 0,
     device: str = "cpu",
     overwrite: bool = False,
@@ -46,6 +48,7 @@ def run_register(
     if refine < 0:
         raise InputError(f"--refine must be >= 0, got {refine}")
     formats = [check_option("--output-format", f, FORMATS, InputError) for f in formats or []]
+    check_option("--warp-grid", warp_grid, WARP_GRIDS, InputError)
     configure(threads, seed)
     plan = plan_registration(
         fixed_path,
@@ -71,7 +74,8 @@ def run_register(
         with progress_display(quiet) as progress:
             reg = plan.run(progress)
         log.info("registered in %.2f s", reg.info["seconds"])
-        reg.write(stage, qc=qc, formats=formats)
+        reg.write(stage, qc=qc, formats=formats, jacobian=jacobian, warp_grid=warp_grid)
         log.info("wrote %s", ", ".join(sorted(p.name for p in stage.iterdir())))
     if not quiet:
-        print(f"wrote {output}/ (warped.nii.gz, transforms, jacobian, qc.png, metrics.json)")
+        extra = "".join(x for x, asked in ((", jacobian", jacobian), (", qc.png", qc)) if asked)
+        print(f"wrote {output}/ (warped.nii.gz, transforms{extra}, metrics.json)")

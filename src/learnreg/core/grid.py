@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-__all__ = ["Grid", "to_grid_sample", "apply_matrix"]
+__all__ = ["Grid", "to_grid_sample", "apply_matrix", "sampling_frames"]
 
 
 def apply_matrix(matrix: torch.Tensor | np.ndarray, points: torch.Tensor) -> torch.Tensor:
@@ -36,6 +36,19 @@ def apply_matrix(matrix: torch.Tensor | np.ndarray, points: torch.Tensor) -> tor
     flat = points.reshape(n, -1, d)
     out = torch.bmm(flat, lin.transpose(1, 2)) + off[:, None, :]
     return out.reshape(points.shape)
+
+
+def sampling_frames(target: Grid, source: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """Homogeneous float64 matrices around a world-space affine ``A`` (target world → source
+    world) such that ``to_sample @ A @ to_world`` maps the target grid's normalized coordinates
+    to the source grid's, both in grid_sample's (x, y, z) order: ``F.affine_grid`` of its top
+    rows gives every target voxel's sampling coordinates without a per-voxel point array."""
+    d = target.ndim
+    flip = np.eye(d + 1)
+    flip[:d, :d] = np.eye(d)[::-1]
+    to_world = target.affine @ np.linalg.inv(target.index_to_normalized) @ flip
+    to_sample = flip @ source.world_to_normalized
+    return torch.from_numpy(to_world), torch.from_numpy(to_sample)
 
 
 def to_grid_sample(normalized: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,6 @@ import itertools
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import ndimage
 
 from learnreg.metrics._arrays import ArrayLike, _label_list, _np, _pair
 
@@ -154,6 +153,8 @@ def surface_distances(
     union = a | b
     if not union.any():
         return empty
+    from scipy import ndimage  # 0.25 s to import: only when surfaces are measured
+
     box = ndimage.find_objects(union.astype(np.uint8))[0]
     a, b = a[box], b[box]
     table = _surfel_table(sp)

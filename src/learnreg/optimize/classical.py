@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from learnreg.core.errors import InputError
-from learnreg.core.grid import Grid
+from learnreg.core.grid import Grid, sampling_frames
 from learnreg.core.image import Image
 from learnreg.io.validate import check_axes
 from learnreg.optimize.adam import Adam
@@ -151,19 +151,6 @@ def _normalizing_frame(grid: Grid, center: torch.Tensor) -> torch.Tensor:
     return n
 
 
-def _sampling_frames(fixed: Grid, moving: Grid) -> tuple[torch.Tensor, torch.Tensor]:
-    """Homogeneous matrices (float64) around a world-space affine ``A`` such that
-    ``to_sample @ A @ to_world`` maps the fixed grid's normalized coordinates to the moving
-    grid's, both in grid_sample's (x, y, z) order: ``F.affine_grid`` of it gives the sampling
-    coordinates of every fixed voxel without a per-voxel point array."""
-    d = fixed.ndim
-    flip = np.eye(d + 1)
-    flip[:d, :d] = np.eye(d)[::-1]
-    to_world = fixed.affine @ np.linalg.inv(fixed.index_to_normalized) @ flip
-    to_sample = flip @ moving.world_to_normalized
-    return torch.from_numpy(to_world), torch.from_numpy(to_sample)
-
-
 def _linear_stage(
     fixed: Pyramid,
     moving: Pyramid,
@@ -183,9 +170,10 @@ def _linear_stage(
         d = delta.homogeneous()[0].double()
         return (matrix.double() @ frame_inv @ d @ frame).float()
 
-    for shrink, iters in zip(stage.shrink, stage.iterations, strict=True):
-        fl, ml = fixed.level(shrink), moving.level(shrink)
-        to_world, to_sample = _sampling_frames(fl.grid, ml.grid)
+    strides = stage.stride or (1,) * len(stage.shrink)
+    for shrink, iters, stride in zip(stage.shrink, stage.iterations, strides, strict=True):
+        fl, ml = _strided(fixed.level(shrink), int(stride)), moving.level(shrink)
+        to_world, to_sample = sampling_frames(fl.grid, ml.grid)
         target = fl.batch()
         size = (1, 1, *fl.grid.shape)
         for it in range(iters):
@@ -199,6 +187,17 @@ def _linear_stage(
             if progress:
                 progress(f"{stage.model} 1/{shrink:g}", it + 1, iters, loss.item())
     return total().detach()
+
+
+def _strided(image: Image, stride: int) -> Image:
+    """Every ``stride``-th voxel of ``image`` along each axis, on the matching coarser grid."""
+    if stride == 1:
+        return image
+    g = image.grid
+    every = (slice(None, None, stride),) * g.ndim
+    data = image.data[(slice(None), *every)]
+    grid = Grid(tuple(data.shape[1:]), tuple(s * stride for s in g.spacing), g.origin, g.direction)
+    return Image(data, grid, image.name)
 
 
 # ---------------------------------------------------------------------------- deformable

@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from learnreg.core.image import Image
-from learnreg.spatial.filters import gaussian_blur
+from learnreg.spatial.filters import band_matrix, gaussian_kernel1d
+from learnreg.spatial.separable import apply_per_axis, interpolation_weights
 
 __all__ = ["Pyramid", "downsample", "level_factor", "normalize_intensity"]
 
@@ -63,9 +63,14 @@ class Pyramid:
             / sp
             for full, sp in zip(self.image.grid.spacing, base.grid.spacing, strict=True)
         ]
-        x = gaussian_blur(base.batch().float(), sigma)
-        mode = "bilinear" if grid.ndim == 2 else "trilinear"
-        x = F.interpolate(x, size=grid.shape, mode=mode, align_corners=True)
+        # blur then linear interpolation onto the level (same first and last voxel centres),
+        # one (n_level, n_base) matrix per axis: a third of the work of blurring every voxel
+        matrices = [
+            interpolation_weights(n_out, n_in, (n_in - 1) / max(n_out - 1, 1), 0.0)
+            @ band_matrix(n_in, gaussian_kernel1d(sg), "replicate", torch.float64, "cpu")
+            for n_out, n_in, sg in zip(grid.shape, base.grid.shape, sigma, strict=True)
+        ]
+        x = apply_per_axis(base.batch().float(), matrices)
         self._levels[factor] = Image(x[0], grid, self.image.name)
         return self._levels[factor]
 

@@ -11,7 +11,8 @@ from learnreg.spatial.fields import (
     invert_displacement,
     resize_displacement,
 )
-from learnreg.spatial.sampling import sample
+from learnreg.spatial.sampling import regular_coords, sample
+from learnreg.spatial.separable import separable_resample
 
 __all__ = ["DisplacementField"]
 
@@ -61,7 +62,22 @@ class DisplacementField(SpatialTransform):
         """The field in voxel units of ``grid``: the field itself on its own grid, resized
         (``F.interpolate``) on a :meth:`~learnreg.core.Grid.resized` copy of it, otherwise
         sampled at ``grid``'s world points (zero outside this field's grid)."""
-        return on_grid(self.grid, self.voxel_field(), grid, batch, super().voxel_displacement)
+        return on_grid(self.grid, self.voxel_field(), grid, batch, self._sampled_on)
+
+    def _sampled_on(self, grid: Grid, batch: int | None = None) -> torch.Tensor:
+        """The field sampled at ``grid``'s voxel centres (zero outside this field's grid), in
+        ``grid``'s voxel units: vectors converted on this (small) grid, then interpolated
+        axis by axis (:mod:`~learnreg.spatial.separable`) or by one ``grid_sample``."""
+        d = self.ndim
+        lin = torch.from_numpy(grid.inverse_affine[:d, :d] @ self.grid.affine[:d, :d])
+        f = torch.einsum("ij,nj...->ni...", lin.to(self.field), self.field)
+        out = separable_resample(f, grid, self.grid)
+        if out is None:
+            coords = regular_coords(grid, self.grid, None, f.device).to(f.dtype)
+            out = sample(f, coords.expand(f.shape[0], *coords.shape[1:]), "linear", "zeros")
+        if batch is not None and batch != out.shape[0]:
+            out = out.expand(batch, *out.shape[1:])
+        return out
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         f = self.world_field()

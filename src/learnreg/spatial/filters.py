@@ -15,7 +15,7 @@ import torch
 
 from learnreg.core.options import check_option
 
-__all__ = ["gaussian_kernel1d", "gaussian_blur", "separable_filter", "PADDINGS"]
+__all__ = ["gaussian_kernel1d", "gaussian_blur", "separable_filter", "band_matrix", "PADDINGS"]
 
 PADDINGS = ("zeros", "replicate")
 
@@ -31,7 +31,7 @@ def gaussian_kernel1d(sigma: float, truncate: float = 3.0) -> tuple[float, ...]:
 
 
 @lru_cache(maxsize=128)
-def _band_matrix(
+def band_matrix(
     n: int, kernel: tuple[float, ...], padding: str, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
     """``B[i, j]``: weight of input ``j`` in output ``i`` (correlation with ``kernel``)."""
@@ -67,7 +67,7 @@ def separable_filter(
             out = out * kern[0] if kern[0] != 1.0 else out
             continue
         n = shape[axis + 2]
-        m = _band_matrix(n, kern, padding, x.dtype, x.device)
+        m = band_matrix(n, kern, padding, x.dtype, x.device)
         if axis == d - 1:
             out = out @ m.mT
         else:

@@ -14,6 +14,10 @@ from learnreg.spatial.sampling import Padding, warp
 __all__ = ["StationaryVelocityField", "integrate_velocity"]
 
 
+CHECKPOINT_MIN = 1 << 22
+"""Values of a velocity (batch × channels × voxels) from which integration checkpoints."""
+
+
 def integrate_velocity(
     velocity: torch.Tensor, steps: int = 7, padding: Padding = "border"
 ) -> torch.Tensor:
@@ -24,16 +28,17 @@ def integrate_velocity(
     taken in place in the freshly sampled field). The field is extended by its border
     values outside the grid (``padding``).
 
-    Under autograd the squarings are recomputed during the backward pass (activation
-    checkpointing): the graph keeps one field instead of two per step (at 160×192×160,
-    ~0.8 GB less for 5 steps) for ``steps`` extra samplings. Values and gradients are
-    unchanged.
+    Under autograd, for fields of at least :data:`CHECKPOINT_MIN` values, the squarings are
+    recomputed during the backward pass (activation checkpointing): the graph keeps one field
+    instead of two per step (at 160×192×160, ~0.8 GB less for 5 steps) for ``steps`` extra
+    samplings. Values and gradients are unchanged. Smaller fields skip it: its first use
+    imports ``torch._dynamo`` (0.7 s), more than a classical registration's velocity saves.
     """
     check_field(velocity, "velocity")
     if steps < 0:
         raise ValueError(f"integrate_velocity: steps must be >= 0, got {steps}")
     u = velocity / 2**steps
-    if steps and u.requires_grad and torch.is_grad_enabled():
+    if steps and u.requires_grad and torch.is_grad_enabled() and u.numel() >= CHECKPOINT_MIN:
         return checkpoint(_square, u, steps, padding, use_reentrant=False)
     return _square(u, steps, padding)
 
