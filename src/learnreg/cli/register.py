@@ -4,6 +4,7 @@ files any ITK tool replays."""
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from learnreg.api.registration import plan_registration
@@ -50,6 +51,7 @@ def run_register(
     formats = [check_option("--output-format", f, FORMATS, InputError) for f in formats or []]
     check_option("--warp-grid", warp_grid, WARP_GRIDS, InputError)
     configure(threads, seed)
+    t0 = time.perf_counter()
     plan = plan_registration(
         fixed_path,
         moving_path,
@@ -65,6 +67,7 @@ def run_register(
         moving_labels=moving_labels_path,
         device=device,
     )
+    planned = time.perf_counter() - t0  # reading, checking, choosing the method
     if not quiet:
         print(f"learnreg register: {plan.why}")
     with output_folder(output, overwrite, "register") as stage, logging_into(stage, verbose):
@@ -73,7 +76,10 @@ def run_register(
         log.info("moving %s: %s", plan.moving.name, plan.moving.grid)
         with progress_display(quiet) as progress:
             reg = plan.run(progress)
-        log.info("registered in %.2f s", reg.info["seconds"])
+        reg.result.info["timings"] = {"read": planned, **reg.result.info.get("timings", {})}
+        log.info(
+            "registered in %.2f s (after %.2f s reading the inputs)", reg.info["seconds"], planned
+        )
         reg.write(stage, qc=qc, formats=formats, jacobian=jacobian, warp_grid=warp_grid)
         log.info("wrote %s", ", ".join(sorted(p.name for p in stage.iterdir())))
     if not quiet:

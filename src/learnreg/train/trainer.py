@@ -55,6 +55,7 @@ from learnreg.data.datasets import (
     pairs_from_csv,
     subject_pairs,
 )
+from learnreg.data.fingerprint import atlas_fingerprint
 from learnreg.data.prealign import CachedPrealignment
 from learnreg.data.preprocess import NetworkGrid, Preprocessor
 from learnreg.methods.base import RegistrationMethod
@@ -240,11 +241,24 @@ class Trainer:
         self._perms: dict[int, torch.Tensor] = {}
         self._own_group = False
         self._check_grid()
+        self.atlas = self._atlas_fingerprint()
 
     # ------------------------------------------------------------------ setup
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def _atlas_fingerprint(self) -> dict | None:
+        """The fixed image's fingerprint when every training pair shares it (atlas-to-subject
+        training), recorded so a shipped model is chosen only for that atlas."""
+        if not self.config.data.atlas:
+            return None
+        fixed = {str(p.fixed) for p in self.train_data.pairs}
+        if len(fixed) != 1:
+            return None
+        from learnreg.io.images import read_image
+
+        return atlas_fingerprint(read_image(fixed.pop()))
 
     def _check_grid(self) -> None:
         """The data's network grid must be one the method's network can take."""
@@ -389,6 +403,7 @@ class Trainer:
             "world_size": int(self.world_size),
             "grid": self.train_data.grid.to_dict(),
             "preprocess": self.train_data.preprocessor.to_dict(),
+            **({"atlas": self.atlas} if self.atlas is not None else {}),
         }
 
     def _save(self, path: Path, optimizers, scaler) -> None:

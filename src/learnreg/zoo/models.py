@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from learnreg.core.errors import InputError
 from learnreg.core.grid import Grid
 from learnreg.core.image import Image
+from learnreg.data.fingerprint import is_atlas
 from learnreg.data.preprocess import NetworkGrid, Preprocessor
 from learnreg.methods.base import RegistrationMethod
 from learnreg.methods.registry import create_method
@@ -67,6 +69,8 @@ class PretrainedModel:
         reference: the network grid the model was trained on.
         card: the model card's data (training run, metrics, suitability limits).
         path: the checkpoint file.
+        atlas: :func:`~learnreg.data.fingerprint.atlas_fingerprint` of the fixed image of
+            an atlas-to-subject model.
     """
 
     name: str
@@ -76,6 +80,7 @@ class PretrainedModel:
     reference: Grid
     card: dict = field(default_factory=dict)
     path: Path | None = None
+    atlas: dict | None = None
 
     @property
     def ndim(self) -> int:
@@ -91,7 +96,8 @@ class PretrainedModel:
         Checks the card's ``suits`` limits: dimensionality, single channel, voxel spacing no
         coarser than ``max_spacing`` mm, field of view within ``extent`` times the training
         grid's per axis, and at least ``min_background`` of each image at its minimum
-        (skull-stripped brains, like the training data).
+        (skull-stripped brains, like the training data); a model trained atlas-to-subject
+        (:attr:`atlas`) suits only pairs whose fixed image is its atlas.
         """
         suits = self.card.get("suits", {})
         for im in (fixed, moving):
@@ -118,6 +124,11 @@ class PretrainedModel:
                     f"{im.name} does not look skull-stripped ({background_fraction(im):.0%} "
                     f"background, the model expects at least {min_bg:.0%})"
                 )
+        if self.atlas is not None and not is_atlas(fixed, self.atlas):
+            return (
+                f"it was trained atlas-to-subject with fixed image {self.atlas['name']}, and "
+                f"{fixed.name} is not that image"
+            )
         return None
 
     def check_pair(self, fixed: Image, moving: Image) -> None:
@@ -185,11 +196,18 @@ def load_model(name_or_path: str | os.PathLike) -> PretrainedModel:
         preprocessor, reference = _preprocessing(pre), Grid.from_dict(grid)
         prealign = (config.get("data") or {}).get("prealign")
         card = dict(extra.get("card") or {})
+        atlas = extra.get("atlas")
+        if atlas is not None:
+            atlas = {
+                "name": str(atlas["name"]),
+                "grid": Grid.from_dict(atlas["grid"]).to_dict(),
+                "thumbnail": torch.as_tensor(atlas["thumbnail"]),
+            }
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise InputError(
             f"{path}: corrupt preprocessing record in the checkpoint ({_first_line(e)})"
         ) from None
-    return PretrainedModel(name, method, preprocessor, prealign, reference, card, path)
+    return PretrainedModel(name, method, preprocessor, prealign, reference, card, path, atlas)
 
 
 def _preprocessing(pre: dict) -> Preprocessor:
@@ -220,7 +238,9 @@ def export_model(
     RNG state. Returns the written ``model.pt``."""
     state = load_checkpoint(checkpoint)
     extra = dict(state.get("extra") or {})
-    keep = {k: extra[k] for k in ("grid", "preprocess", "best_dice", "elapsed") if k in extra}
+    keep = {
+        k: extra[k] for k in ("grid", "preprocess", "best_dice", "elapsed", "atlas") if k in extra
+    }
     keep["card"] = card or {}
     model = {k: v.detach().clone().contiguous() for k, v in state["model"].items()}
     out = Path(output)
