@@ -89,16 +89,19 @@ def score_folder(folder: Path, fixed: str, moving: str) -> float:
 
 
 def variant_flags(variant: str) -> list[str]:
-    if variant == "auto":
-        return []
-    if variant == "classical":
-        return ["--method", "classical"]
-    key, _, value = variant.partition("=")
-    if key == "refine":
-        return ["--refine", value]
-    if key == "model":
-        return ["--method", value]
-    raise SystemExit(f"unknown variant {variant!r}")
+    """``auto``, ``classical``, ``refine=N``, ``model=NAME`` or several joined by ``+``."""
+    flags: list[str] = []
+    for part in variant.split("+"):
+        key, _, value = part.partition("=")
+        if part == "classical":
+            flags += ["--method", "classical"]
+        elif key == "refine":
+            flags += ["--refine", value]
+        elif key == "model":
+            flags += ["--method", value]
+        elif part != "auto":
+            raise SystemExit(f"unknown variant {variant!r}")
+    return flags
 
 
 def run_register(fixed: str, moving: str, variant: str, env: dict) -> dict:
@@ -170,7 +173,16 @@ def summarize(rows: list[dict]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--variants", nargs="+", default=["auto", "refine=50"])
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=[
+            "auto",
+            "refine=30",
+            "model=lpba40-vxm-unsup",
+            "model=lpba40-vxm-unsup+refine=30",
+        ],
+    )
     p.add_argument("--subjects", nargs="+", default=SUBJECTS)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip", nargs="*", default=[], choices=["ants", "pairs", "linear"])
