@@ -9,6 +9,7 @@ import torch
 
 from learnreg.core.grid import Grid
 from learnreg.core.image import Image
+from learnreg.optimize.pyramid import Pyramid, normalize_intensity
 
 __all__ = ["ATLAS_LEVEL", "ATLAS_MIN_CORRELATION", "atlas_fingerprint", "is_atlas"]
 
@@ -22,8 +23,6 @@ ATLAS_MIN_CORRELATION = 0.99
 def atlas_fingerprint(image: Image) -> dict:
     """The image's name, grid and a float16 thumbnail (the normalized image on the
     1/:data:`ATLAS_LEVEL` pyramid level; 160 KB for a 1 mm brain)."""
-    from learnreg.optimize.pyramid import Pyramid, normalize_intensity
-
     thumb = Pyramid(normalize_intensity(image)).level(ATLAS_LEVEL).data[0]
     return {"name": Path(image.name).name, "grid": image.grid.to_dict(), "thumbnail": thumb.half()}
 

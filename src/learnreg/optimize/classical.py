@@ -14,10 +14,9 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from learnreg.core.errors import InputError
-from learnreg.core.grid import Grid, sampling_frames
+from learnreg.core.grid import Grid
 from learnreg.core.image import Image
 from learnreg.io.validate import check_axes
 from learnreg.optimize.adam import Adam
@@ -44,6 +43,7 @@ from learnreg.spatial.factory import create_transform
 from learnreg.spatial.fields import resize_displacement
 from learnreg.spatial.filters import gaussian_blur
 from learnreg.spatial.result import RegistrationResult
+from learnreg.spatial.sampling import regular_coords
 from learnreg.spatial.svf import integrate_velocity
 
 __all__ = ["register", "check_pair", "Progress"]
@@ -170,16 +170,12 @@ def _linear_stage(
         d = delta.homogeneous()[0].double()
         return (matrix.double() @ frame_inv @ d @ frame).float()
 
-    strides = stage.stride or (1,) * len(stage.shrink)
-    for shrink, iters, stride in zip(stage.shrink, stage.iterations, strides, strict=True):
-        fl, ml = _strided(fixed.level(shrink), int(stride)), moving.level(shrink)
-        to_world, to_sample = sampling_frames(fl.grid, ml.grid)
+    for shrink, iters in zip(stage.shrink, stage.iterations, strict=True):
+        fl, ml = fixed.level(shrink), moving.level(shrink)
         target = fl.batch()
-        size = (1, 1, *fl.grid.shape)
         for it in range(iters):
             opt.zero_grad()
-            theta = (to_sample @ total().double() @ to_world).float()[None, :-1]
-            coords = F.affine_grid(theta, size, align_corners=True)
+            coords = regular_coords(fl.grid, ml.grid, AffineTransform(total()[None]), "cpu")
             warped, weight = masks.sample(fl, ml, coords)
             loss = sim(target, warped, **masks.overrides(weight))["total"]
             loss.backward()
@@ -187,17 +183,6 @@ def _linear_stage(
             if progress:
                 progress(f"{stage.model} 1/{shrink:g}", it + 1, iters, loss.item())
     return total().detach()
-
-
-def _strided(image: Image, stride: int) -> Image:
-    """Every ``stride``-th voxel of ``image`` along each axis, on the matching coarser grid."""
-    if stride == 1:
-        return image
-    g = image.grid
-    every = (slice(None, None, stride),) * g.ndim
-    data = image.data[(slice(None), *every)]
-    grid = Grid(tuple(data.shape[1:]), tuple(s * stride for s in g.spacing), g.origin, g.direction)
-    return Image(data, grid, image.name)
 
 
 # ---------------------------------------------------------------------------- deformable

@@ -54,9 +54,6 @@ class LinearStage:
     shrink: tuple[float, ...] = (8, 4)
     iterations: tuple[int, ...] = (60, 30)
     learning_rate: float = 0.01
-    stride: tuple[int, ...] | None = None
-    """Per level, the metric on every ``stride``-th fixed voxel along each axis (ANTs'
-    regular sampling of 1/stride^D of the voxels); None: every voxel at every level."""
 
 
 @dataclass
@@ -149,13 +146,6 @@ class ClassicalConfig:
                 raise ValueError(
                     f"shrink {s.shrink}, iterations {s.iterations} (and velocity_shrink) "
                     "must have equal length"
-                )
-            stride = getattr(s, "stride", None)
-            if stride is not None and (
-                len(stride) != len(s.shrink) or any(int(v) != v or v < 1 for v in stride)
-            ):
-                raise ValueError(
-                    f"{where}.stride {stride}: one positive integer per level {s.shrink}"
                 )
         check_option("init", self.init, INITS)
         if self.deformable is not None:

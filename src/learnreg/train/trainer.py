@@ -58,6 +58,7 @@ from learnreg.data.datasets import (
 from learnreg.data.fingerprint import atlas_fingerprint
 from learnreg.data.prealign import CachedPrealignment
 from learnreg.data.preprocess import NetworkGrid, Preprocessor
+from learnreg.io.images import read_image
 from learnreg.methods.base import RegistrationMethod
 from learnreg.train.checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
 from learnreg.train.config import TrainConfig
@@ -256,8 +257,6 @@ class Trainer:
         fixed = {str(p.fixed) for p in self.train_data.pairs}
         if len(fixed) != 1:
             return None
-        from learnreg.io.images import read_image
-
         return atlas_fingerprint(read_image(fixed.pop()))
 
     def _check_grid(self) -> None:
