@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import signal
 import sys
 import threading
@@ -71,6 +72,15 @@ def _signals_interrupt() -> Iterator[None]:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: usage errors and bad input give one error line and exit code 2;
     SIGINT / SIGTERM one line and 130 / 143, with no partial outputs left behind."""
+    try:
+        _main(argv)
+    finally:
+        # Everything is written: spare the interpreter's shutdown the collection of torch's
+        # objects (0.5 s of a 4 s `register` on 2 cores); exit handlers still run.
+        gc.freeze()
+
+
+def _main(argv: list[str] | None) -> None:
     try:
         with _signals_interrupt(), logging_into(None, 0):
             code = app(args=argv, prog_name="learnreg", standalone_mode=False)
