@@ -5,8 +5,10 @@ Every run is a fresh process with ``--threads`` threads (default 2), in one sitt
 * **atlas pairs** (fixed S01, moving each of S35–S40): the ``learnreg register`` command as a
   user runs it (process start to files written: wall time and peak memory of the process),
   its in-process registration time from ``result.json`` (reading the inputs to transforms
-  ready), mean Dice over the 56 labels of the moving labels carried by the *written* files
-  (nearest neighbour, as for ANTs) and the voxels with det J ≤ 0 (``metrics.json``); one row
+  ready), mean Dice over the 56 labels of the moving labels carried by the *written* files,
+  label-safe (learnreg's one-hot warp, what ``learnreg apply --labels`` does; ANTs'
+  ``genericLabel`` for ANTs) and nearest neighbour (both methods), and the voxels with
+  det J ≤ 0 (``metrics.json``); one row
   per ``--variant`` (``auto``; ``refine=N``; ``model=NAME``; ``classical``), beside
   ``ants.registration(type_of_transform='SyN')`` timed around the call (and its process);
 * **subject pairs** (the 15 pairs Si → Sj, i < j, among S35–S40): ``auto`` against
@@ -78,14 +80,19 @@ def dice(fixed_labels: np.ndarray, warped: np.ndarray) -> float:
     )
 
 
-def score_folder(folder: Path, fixed: str, moving: str) -> float:
-    """Dice of the moving labels carried by the files in ``folder`` (nearest neighbour)."""
+def score_folder(folder: Path, fixed: str, moving: str) -> dict[str, float]:
+    """Dice of the moving labels carried by the files in ``folder``: ``dice`` nearest
+    neighbour, ``dice_label`` label-safe (one-hot linear + argmax)."""
     from learnreg.io.images import read_labels
     from learnreg.io.result import load_result
 
     result = load_result(folder)
-    warped = result.warp(read_labels(labels(moving)), mode="nearest").data[0].numpy()
-    return dice(read_labels(labels(fixed)).data[0].numpy(), warped)
+    moving_labels, fixed_labels = read_labels(labels(moving)), read_labels(labels(fixed))
+    ref = fixed_labels.data[0].numpy()
+    return {
+        f"dice{suffix}": dice(ref, result.warp(moving_labels, mode=mode).data[0].numpy())
+        for suffix, mode in (("", "nearest"), ("_label", "label"))
+    }
 
 
 def variant_flags(variant: str) -> list[str]:
@@ -116,7 +123,7 @@ def run_register(fixed: str, moving: str, variant: str, env: dict) -> dict:
             "registration_seconds": info["seconds"] + info.get("timings", {}).get("read", 0.0),
             "timings": info.get("timings", {}),
             "peak_memory_mb": memory,
-            "dice": score_folder(out, fixed, moving),
+            **score_folder(out, fixed, moving),
             "folding_count": (metrics.get("jacobian") or {}).get("folding_count", 0),
             "engine": said.splitlines()[0] if said else "",
         }
@@ -134,6 +141,7 @@ def run_ants(moving: str, env: dict) -> dict:
         "registration_seconds": row["seconds"],
         "peak_memory_mb": memory,
         "dice": row["dice"],
+        "dice_label": row["dice_label"],
         "folding_count": int(round(row["folding_percent"] / 100 * 160 * 192 * 160)),
     }
 
@@ -166,7 +174,9 @@ def run_linear(moving: str, preset: str, env: dict) -> dict:
 def summarize(rows: list[dict]) -> dict:
     keys = ("wall_seconds", "registration_seconds", "peak_memory_mb", "dice")
     out = {f"median_{k}": float(np.median([r[k] for r in rows])) for k in keys if k in rows[0]}
-    out["mean_dice"] = float(np.mean([r["dice"] for r in rows]))
+    for key in ("dice", "dice_label"):
+        if key in rows[0]:
+            out[f"mean_{key}"] = float(np.mean([r[key] for r in rows]))
     out["folding_count_max"] = int(max(r.get("folding_count", 0) for r in rows))
     return out
 
@@ -245,9 +255,10 @@ def print_tables(results: dict) -> None:
         f"\nAtlas pairs S01 ← S35–S40 (validation subjects, not held out), {results['threads']} threads"
     )
     print(
-        "| method | mean Dice | max #det J ≤ 0 | median command (s) | / SyN | median registration (s) | peak MB |"
+        "| method | mean Dice (label-safe) | mean Dice (nearest) | max #det J ≤ 0 | "
+        "median command (s) | / SyN | median registration (s) | peak MB |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for name, s in atlas.items():
         ratio = (
             f"{s['median_wall_seconds'] / syn['median_registration_seconds']:.3f}"
@@ -255,7 +266,7 @@ def print_tables(results: dict) -> None:
             else "–"
         )
         print(
-            f"| {name} | {s['mean_dice']:.4f} | {s['folding_count_max']} | "
+            f"| {name} | {s['mean_dice_label']:.4f} | {s['mean_dice']:.4f} | {s['folding_count_max']} | "
             f"{s['median_wall_seconds']:.2f} | {ratio} | {s['median_registration_seconds']:.2f} | "
             f"{s['median_peak_memory_mb']:.0f} |"
         )
@@ -263,12 +274,18 @@ def print_tables(results: dict) -> None:
         print("/ SyN: learnreg's whole command over the time of ants.registration(...) alone")
     if results["pairs"]:
         print("\nSubject pairs Si → Sj among S35–S40 (15 pairs)")
-        print("| method | mean Dice | median command (s) | time / classical |")
-        print("|---|---|---|---|")
+        print(
+            "| method | mean Dice (label-safe) | mean Dice (nearest) | median command (s) "
+            "| time / classical |"
+        )
+        print("|---|---|---|---|---|")
         base = results["pairs"].get("classical", {}).get("median_wall_seconds")
         for name, s in results["pairs"].items():
             ratio = f"{s['median_wall_seconds'] / base:.2f}" if base else "–"
-            print(f"| {name} | {s['mean_dice']:.4f} | {s['median_wall_seconds']:.2f} | {ratio} |")
+            print(
+                f"| {name} | {s['mean_dice_label']:.4f} | {s['mean_dice']:.4f} | "
+                f"{s['median_wall_seconds']:.2f} | {ratio} |"
+            )
     if results["linear"]:
         print("\nLinear stage, S01 ← S35–S40")
         print("| stages | mean Dice after it | median time (s) |")

@@ -90,10 +90,13 @@ def worker_ants(subject: str, kind: str) -> dict:
     reg = ants.registration(f, m, type_of_transform=kind)
     seconds = time.perf_counter() - t0
     warped = ants.apply_transforms(f, ml, reg["fwdtransforms"], interpolator="nearestNeighbor")
+    # ANTs' label-safe interpolation, the counterpart of learnreg's one-hot label warp
+    generic = ants.apply_transforms(f, ml, reg["fwdtransforms"], interpolator="genericLabel")
     jac = ants.create_jacobian_determinant_image(f, reg["fwdtransforms"][0]).numpy()
     logj = np.log(np.clip(jac, 1e-9, 1e9))
     return {
         "dice": dice_all(fl.numpy(), warped.numpy()),
+        "dice_label": dice_all(fl.numpy(), generic.numpy()),
         "folding_percent": float(100 * (jac <= 0).mean()),
         "sdlogj": float(logj.std()),
         "seconds": seconds,

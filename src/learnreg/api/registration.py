@@ -33,7 +33,13 @@ from learnreg.optimize.config import preset as classical_preset
 from learnreg.optimize.masks import MetricMasks
 from learnreg.spatial.affine import AffineTransform
 from learnreg.spatial.result import RegistrationResult
-from learnreg.zoo.models import PretrainedModel, available_models, load_model, model_summary
+from learnreg.zoo.models import (
+    PretrainedModel,
+    auto_candidates,
+    available_models,
+    load_model,
+    model_summary,
+)
 from learnreg.zoo.predict import predict
 
 __all__ = [
@@ -92,8 +98,8 @@ class Registration:
         return self.result.warp(self.moving)
 
     def warp(self, image: ImageLike, labels: bool = False, inverse: bool = False) -> Any:
-        """Resample a moving-space image (or label map, nearest neighbour) onto the fixed
-        grid; ``inverse``: a fixed-space one onto the moving grid."""
+        """Resample a moving-space image (or label map, label-safe: one-hot linear +
+        argmax) onto the fixed grid; ``inverse``: a fixed-space one onto the moving grid."""
         img = as_image(image, labels=labels)
         if img.ndim != self.result.ndim:
             raise InputError(
@@ -386,7 +392,7 @@ def choose_model(
     shipped = available_models()
     if key == "auto":
         reasons = []
-        for name in shipped:
+        for name in auto_candidates():
             model = load_model(name)
             why = model.unsuitable(fixed, moving)
             if why is None:
@@ -426,6 +432,6 @@ def apply(
 ) -> Any:
     """Warp ``image`` with ``result`` (a :class:`Registration` or a result folder): moving
     space onto the fixed grid, or fixed onto moving with ``inverse``; label maps with
-    ``labels`` (nearest neighbour)."""
+    ``labels`` (label-safe: one-hot linear + argmax)."""
     reg = result if isinstance(result, Registration) else load_result(result)
     return reg.warp(image, labels=labels, inverse=inverse)
