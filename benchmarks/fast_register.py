@@ -12,7 +12,8 @@ Every run is a fresh process with ``--threads`` threads (default 2), in one sitt
   per ``--variant`` (``auto``; ``refine=N``; ``model=NAME``; ``classical``), beside
   ``ants.registration(type_of_transform='SyN')`` timed around the call (and its process);
 * **subject pairs** (the 15 pairs Si → Sj, i < j, among S35–S40): ``auto`` against
-  ``--method classical``, wall time and Dice;
+  ``--method classical`` and the subject-to-subject model (``--pair-variants``), wall time
+  and Dice;
 * **linear stage** (atlas pairs): the ``affine`` preset the model path runs against the
   default's rigid → affine stages, time of the call and Dice after it.
 
@@ -193,6 +194,9 @@ def main() -> None:
             "model=lpba40-vxm-unsup+refine=30",
         ],
     )
+    p.add_argument(
+        "--pair-variants", nargs="+", default=["auto", "classical", "model=lpba40-vxm-pairs"]
+    )
     p.add_argument("--subjects", nargs="+", default=SUBJECTS)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip", nargs="*", default=[], choices=["ants", "pairs", "linear"])
@@ -222,7 +226,7 @@ def main() -> None:
             say("atlas", "ants_SyN", r)
         results["atlas"]["ants_SyN"] = {"rows": rows, **summarize(rows)}
     if "pairs" not in a.skip:
-        for variant in ("auto", "classical"):
+        for variant in a.pair_variants:
             rows = []
             for f, m in combinations(a.subjects, 2):
                 rows.append({"pair": f"{m}_to_{f}", **run_register(f, m, variant, env)})

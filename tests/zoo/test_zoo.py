@@ -241,16 +241,18 @@ def test_auto_uses_classical_for_2d(data_root, tmp_path):
 
 @pytest.mark.skipif(not available_models(), reason="no shipped model installed")
 def test_shipped_model_on_held_out_subject(lpba):
-    """Every shipped model registers LPBA40 S35 (a validation subject, never trained on) to
-    S01: Dice above the affine by a margin an untrained network cannot reach, no folds
-    (the unsupervised model, after its 900 CPU steps, measured +0.028)."""
+    """Every shipped model registers a pair of LPBA40 validation subjects (never trained on)
+    like those it was trained on: S01 ← S35 for the atlas models, S36 ← S35 for the
+    subject-to-subject one. Dice above the affine by a margin an untrained network cannot
+    reach, no folds (the unsupervised model, after its 900 CPU steps, measured +0.028)."""
     margin = {"lpba40-vxm-unsup": 0.015}
-    f = read_image(lpba / "images" / "S01.nii.gz")
-    m = read_image(lpba / "images" / "S35.nii.gz")
-    fl = read_labels(lpba / "labels" / "S01.nii.gz")
-    ml = read_labels(lpba / "labels" / "S35.nii.gz")
     for name in available_models():
         model = load_model(name)
+        fixed = "S01" if model.atlas is not None else "S36"  # every atlas model's is S01
+        f = read_image(lpba / "images" / f"{fixed}.nii.gz")
+        m = read_image(lpba / "images" / "S35.nii.gz")
+        fl = read_labels(lpba / "labels" / f"{fixed}.nii.gz")
+        ml = read_labels(lpba / "labels" / "S35.nii.gz")
         assert model.unsuitable(f, m) is None, name
         result = predict(f, m, model)
         affine = resample(ml, f.grid, result.linear(), mode="label")
@@ -258,3 +260,18 @@ def test_shipped_model_on_held_out_subject(lpba):
         after = mean_dice(fl.data[0], result.warp(ml, mode="label").data[0])
         assert after > before + margin.get(name, 0.04), (name, before, after)
         assert jacobian_stats(result.deformable.voxel_field())["folding_count"] == 0
+
+
+@pytest.mark.skipif(not available_models(), reason="no shipped model installed")
+def test_auto_picks_the_model_trained_for_the_pair(lpba):
+    """``auto`` takes an atlas model only when the fixed image is its atlas; another pair of
+    brains is registered classically (the subject-to-subject model scores lower), and
+    naming that model uses it."""
+    s01, s35, s36 = (read_image(lpba / "images" / f"{s}.nii.gz") for s in ("S01", "S35", "S36"))
+    model, why = choose_model(s01, s35)
+    assert model is not None and model.atlas["name"].startswith("S01"), why
+    model, why = choose_model(s36, s35)
+    assert model is None and "not that image" in why, why
+    if "lpba40-vxm-pairs" in available_models():
+        model, why = choose_model(s36, s35, method="lpba40-vxm-pairs")
+        assert model is not None and model.atlas is None and "warning" not in why, why
