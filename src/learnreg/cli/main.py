@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         _main(argv)
     finally:
         # Everything is written: spare the interpreter's shutdown the collection of torch's
-        # objects (0.5 s of a 4 s `register` on 2 cores); exit handlers still run.
+        # objects (0.1-0.6 s of a 4-5 s `register` on 2 cores); exit handlers still run.
         gc.freeze()
 
 
