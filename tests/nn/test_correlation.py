@@ -1,4 +1,5 @@
-"""Correlation layer (Rocco et al. 2017) against explicit loops, 2D and 3D."""
+"""Correlation layers (Rocco et al. 2017, all pairs; FlowNet 2015, windowed) against explicit
+loops, 2D and 3D."""
 
 from __future__ import annotations
 
@@ -7,7 +8,14 @@ import itertools
 import pytest
 import torch
 
-from learnreg.nn.correlation import FeatureCorrelation, correlation, l2_normalize
+from learnreg.nn.correlation import (
+    FeatureCorrelation,
+    LocalCorrelation,
+    correlation,
+    displacements,
+    l2_normalize,
+    local_correlation,
+)
 
 
 def _loop(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -78,3 +86,76 @@ def test_correlation_rejects_bad_inputs() -> None:
         correlation(torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4, 4))
     with pytest.raises(ValueError, match=r"\(N, C, \*S\)"):
         l2_normalize(torch.zeros(3, 4))
+
+
+# ---------------------------------------------------------------------------- FlowNet's layer
+def _local_loop(a, b, d, s1, s2, patch):
+    """FlowNet Eq. 1 by brute force: for every output position x (step s1) and displacement
+    δ (step s2, |δ_i| <= d), mean over channels and patch offsets o of a(x + o) · b(x + δ + o),
+    zero outside the maps."""
+    n, c, *size = a.shape
+    k = patch // 2
+    shifts = [s for s in itertools.product(range(-d, d + 1), repeat=len(size))]
+    shifts = [s for s in shifts if all(v % s2 == 0 for v in s)]
+    out_size = [-(-v // s1) for v in size]
+    out = torch.zeros(n, len(shifts), *out_size, dtype=a.dtype)
+
+    def at(t, i, ch, p):
+        return (
+            float(t[(i, ch, *p)]) if all(0 <= v < m for v, m in zip(p, size, strict=True)) else 0.0
+        )
+
+    for i in range(n):
+        for m, shift in enumerate(shifts):
+            for y in itertools.product(*[range(v) for v in out_size]):
+                x = [v * s1 for v in y]
+                total = 0.0
+                for o in itertools.product(range(-k, k + 1), repeat=len(size)):
+                    p = [xi + oi for xi, oi in zip(x, o, strict=True)]
+                    q = [pi + si for pi, si in zip(p, shift, strict=True)]
+                    total += sum(at(a, i, ch, p) * at(b, i, ch, q) for ch in range(c))
+                out[(i, m, *y)] = total / (c * patch ** len(size))
+    return out
+
+
+@pytest.mark.parametrize(
+    "size,d,s1,s2,patch",
+    [
+        ((6, 7), 2, 1, 1, 1),
+        ((6, 7), 3, 2, 2, 1),
+        ((5, 6), 2, 1, 1, 3),
+        ((4, 5, 4), 1, 1, 1, 1),
+        ((4, 4, 5), 2, 2, 2, 3),
+    ],
+)
+def test_local_correlation_matches_brute_force(size, d, s1, s2, patch) -> None:
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(2, 3, *size, generator=g, dtype=torch.float64)
+    b = torch.randn(2, 3, *size, generator=g, dtype=torch.float64)
+    out = local_correlation(a, b, d, s1, s2, patch)
+    ref = _local_loop(a, b, d, s1, s2, patch)
+    assert out.shape == ref.shape
+    assert float((out - ref).abs().max()) < 1e-6
+
+
+def test_local_correlation_peaks_at_the_shift_and_orders_channels() -> None:
+    """A map shifted by δ = (1, -2) correlates best at channel δ of :func:`displacements`."""
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(1, 8, 12, 12, generator=g)
+    b = torch.roll(a, shifts=(1, -2), dims=(2, 3))  # b(x + δ) = a(x)
+    layer = LocalCorrelation(3, activation=False)
+    out = layer(a, b)[..., 3:-3, 3:-3]  # away from the wrapped border
+    shifts = displacements(2, 3)
+    assert out.shape[1] == layer.out_channels(2) == len(shifts) == 49
+    best = out.mean((2, 3)).argmax(1)
+    assert shifts[best].tolist() == [[1, -2]]
+
+
+def test_local_correlation_rejects_bad_inputs() -> None:
+    a = torch.zeros(1, 2, 5, 5)
+    with pytest.raises(ValueError, match="same shape"):
+        local_correlation(a, torch.zeros(1, 2, 5, 4), 1)
+    with pytest.raises(ValueError, match="odd"):
+        local_correlation(a, a, 1, patch_size=2)
+    with pytest.raises(ValueError, match="max_displacement"):
+        LocalCorrelation(-1)
