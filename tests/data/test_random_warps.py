@@ -1,4 +1,5 @@
-"""Random affine / TPS warps of real images: pairs satisfy moving ∘ T = fixed, reproducibly."""
+"""Random affine / TPS / dense warps of real images: pairs satisfy moving ∘ T = fixed,
+reproducibly."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from learnreg.data.random_warps import (
     RandomWarpPairs,
     affine_points,
     lpba_volumes,
+    random_smooth_displacement,
     random_tps_displacements,
     tps_points,
 )
@@ -84,12 +86,12 @@ def test_affine_points_match_skimage() -> None:
     np.testing.assert_allclose(ours, ref(pts[0].numpy()), atol=1e-9)
 
 
-@pytest.mark.parametrize("kind", ["affine", "tps"])
+@pytest.mark.parametrize("kind", ["affine", "tps", "dense"])
 def test_pairs_2d_moving_through_t_is_fixed(kind, slices) -> None:
     ds = RandomWarpPairs(slices, kind, (48, 48), 8, seed=5, translation=3.0, magnitude=3.0)
     item = ds[2]
     assert item["fixed"].shape == (1, 48, 48) and item["moving"].shape == (1, 48, 48)
-    assert item["target"].shape == ((6,) if kind == "affine" else (9, 2))
+    assert item["target"].shape == {"affine": (6,), "tps": (9, 2), "dense": (2, 48, 48)}[kind]
     k, origin, params = ds.draw(2)
     torch.testing.assert_close(params.float(), item["target"])
     # fixed(x) = I(p + T(x)) from the source image; moving(y) = I(p + y)
@@ -112,6 +114,45 @@ def test_pairs_2d_moving_through_t_is_fixed(kind, slices) -> None:
     assert not torch.equal(other[2]["target"], item["target"])
     b = collate_pairs([ds[i] for i in range(4)])
     assert b.target.shape == (4, *item["target"].shape)
+
+
+def test_smooth_displacement_bounds_and_frequencies() -> None:
+    g = torch.Generator().manual_seed(3)
+    coarse = random_smooth_displacement((64, 64), [32], [4.0], g)
+    fine = random_smooth_displacement((64, 64), [4], [4.0], g)
+    assert coarse.shape == fine.shape == (2, 64, 64) and coarse.dtype == torch.float64
+    assert coarse.abs().max() <= 4.0 and fine.abs().max() <= 4.0
+    assert fine.abs().max() > 2.0  # the range is used
+
+    def roughness(u):
+        return float(torch.diff(u, dim=1).square().mean() + torch.diff(u, dim=2).square().mean())
+
+    assert roughness(fine) > 10 * roughness(coarse)
+    both = random_smooth_displacement((64, 64), [32, 4], [4.0, 1.0], torch.Generator())
+    assert both.abs().max() <= 5.0
+    assert random_smooth_displacement((8, 8, 8), [4], [1.0]).shape == (3, 8, 8, 8)
+    with pytest.raises(ValueError, match="one magnitude per spacing"):
+        random_smooth_displacement((8, 8), [4, 2], [1.0])
+    with pytest.raises(ValueError, match="spacings must be >= 1"):
+        random_smooth_displacement((8, 8), [0], [1.0])
+
+
+def test_dense_pairs_3d_match_scipy_resampling(volumes) -> None:
+    """The fixed volume is the source sampled at ``x + target(x)`` (scipy's linear
+    interpolation as the independent reference)."""
+    from scipy.ndimage import map_coordinates
+
+    ds = RandomWarpPairs(
+        volumes, "dense", None, 2, field_spacings=(8,), field_magnitudes=(2.0,), seed=4
+    )
+    item = ds[1]
+    u = item["target"].double().numpy()
+    assert u.shape == (3, 20, 24, 20)
+    k, _, _ = ds.draw(1)
+    coords = np.indices((20, 24, 20)).astype(np.float64) + u
+    ref = map_coordinates(ds.images[k].double().numpy(), coords, order=1, cval=0.0)
+    np.testing.assert_allclose(item["fixed"][0].numpy(), ref, atol=1e-4)
+    assert not torch.allclose(item["fixed"], item["moving"])
 
 
 def test_pairs_3d_tps_on_lpba_volumes(volumes) -> None:

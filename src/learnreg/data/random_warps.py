@@ -1,9 +1,10 @@
-"""Random synthetic affine and thin-plate-spline warps of real 2D images and 3D volumes.
+"""Random synthetic affine, thin-plate-spline and dense smooth warps of real 2D images and 3D
+volumes.
 
 Supervised networks that regress global or low-dimensional transforms (Rocco et al. 2017's
-geometric matching, Eppenhof et al. 2018's TPS regression, Lin & Lucey 2017's IC-STN) train
-on pairs made from one real image and a random transform ``T`` whose parameters are the
-answer. In this package's convention (``ARCHITECTURE.md``) ``T`` maps fixed points to moving
+geometric matching, Eppenhof et al. 2018's TPS regression, Lin & Lucey 2017's IC-STN) or a
+dense field (Dosovitskiy et al. 2015's FlowNet, Sokooti et al. 2017's RegNet) train on pairs
+made from one real image and a random transform ``T`` whose parameters are the answer. In this package's convention (``ARCHITECTURE.md``) ``T`` maps fixed points to moving
 points, so a pair is (as DeTone's protocol in :mod:`learnreg.data.synthetic`):
 
 - ``moving``: a crop of the source image at position ``p``: ``moving(y) = I(p + y)``;
@@ -20,6 +21,13 @@ points, so a pair is (as DeTone's protocol in :mod:`learnreg.data.synthetic`):
     the last voxel centre, last axis fastest), each component uniform in ``±magnitude``;
     ``T`` is the thin-plate spline (:class:`~learnreg.spatial.tps.ThinPlateSpline`) through
     ``p_k ↦ p_k + δ_k`` (:class:`learnreg.methods.tps_regression.TPSGrid`).
+  * ``"dense"``: the displacement ``T(x) − x`` ``(D, *S)`` (voxels) at every voxel of the crop,
+    ``T(x) = A(x) + u(x)``: a random affine ``A`` (the ``"affine"`` ranges; zero ranges for
+    none) plus a smooth field ``u`` that sums cubic B-spline fields of several control
+    spacings, each coefficient uniform in ``±magnitude`` of its spacing
+    (:func:`random_smooth_displacement`): low and high frequencies, small and large
+    magnitudes, as Sokooti et al.'s generator and, with the affine, in the spirit of
+    FlowNet's Flying Chairs (random affine motions of real images).
 
 With a source image larger than the crop (2D photographs) the crop position is random and
 keeps ``margin`` voxels from the border, so ``T(x)`` mostly stays inside the image (Rocco et
@@ -63,6 +71,7 @@ __all__ = [
     "LPBA_TRAIN",
     "LPBA_HELDOUT",
     "random_tps_displacements",
+    "random_smooth_displacement",
     "tps_points",
     "affine_points",
     "lpba_volumes",
@@ -70,7 +79,7 @@ __all__ = [
     "warp_source",
 ]
 
-WARP_KINDS = ("affine", "tps")
+WARP_KINDS = ("affine", "tps", "dense")
 #: LPBA40's suggested split (README of the data): S11–S34 train, S35–S40 validation.
 LPBA_TRAIN = tuple(f"S{i:02d}" for i in range(11, 35))
 LPBA_HELDOUT = tuple(f"S{i:02d}" for i in range(35, 41))
@@ -108,6 +117,39 @@ def random_tps_displacements(
         raise ValueError(f"magnitude must be >= 0, got {magnitude}")
     u = torch.rand(n, num_points, ndim, generator=generator, dtype=torch.float64)
     return ((u * 2 - 1) * magnitude).float()
+
+
+def random_smooth_displacement(
+    shape: Sequence[int],
+    spacings: Sequence[int],
+    magnitudes: Sequence[float],
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """A random smooth displacement ``(D, *shape)`` (voxels, float64): the sum over
+    ``(spacing, magnitude)`` pairs of cubic B-spline fields (control points every ``spacing``
+    voxels, :func:`learnreg.spatial.bspline.evaluate_bspline`) whose coefficients are uniform
+    in ``±magnitude``; each component of each field stays within ``±magnitude`` (B-spline
+    weights are a partition of unity)."""
+    from learnreg.spatial.bspline import control_lattice_shape, evaluate_bspline
+
+    s = _check_shape(shape)
+    if len(spacings) != len(magnitudes) or not spacings:
+        raise ValueError(
+            "random_smooth_displacement: give one magnitude per spacing; got spacings "
+            f"{list(spacings)} and magnitudes {list(magnitudes)}"
+        )
+    field = torch.zeros(len(s), *s, dtype=torch.float64)
+    for spacing, magnitude in zip(spacings, magnitudes, strict=True):
+        if int(spacing) < 1 or not float(magnitude) >= 0:
+            raise ValueError(
+                f"random_smooth_displacement: spacings must be >= 1 voxel and magnitudes >= 0;"
+                f" got {spacing} and {magnitude}"
+            )
+        sp = (int(spacing),) * len(s)
+        lattice = control_lattice_shape(s, sp)
+        u = torch.rand(1, len(s), *lattice, generator=generator, dtype=torch.float64)
+        field += evaluate_bspline((u * 2 - 1) * float(magnitude), sp, s)[0]
+    return field
 
 
 @functools.lru_cache(maxsize=4)
@@ -211,6 +253,8 @@ class RandomWarpPairs(Dataset):
             :func:`learnreg.data.perturb.random_affine_params`.
         grid_size: TPS control points per axis (Rocco: 3 in 2D; Eppenhof: 6 in 3D).
         magnitude: maximum TPS control-point displacement per component, voxels.
+        field_spacings, field_magnitudes: the B-spline fields of ``"dense"`` warps
+            (:func:`random_smooth_displacement`; voxels).
         fixed_border: keep the control points on the grid's border in place (zero
             displacement), so the deformation fades out towards the image border — with a
             whole brain volume as the crop they lie in the background, where nothing shows
@@ -227,7 +271,7 @@ class RandomWarpPairs(Dataset):
             intensity normalization.
 
     Items: ``{"fixed", "moving"}`` ``(1, *shape)`` float32, ``"target"`` (module docstring;
-    ``(D(D+1),)`` or ``(K, D)``), ``"origin"`` the crop position ``(D,)``, ``"index"``,
+    ``(D(D+1),)``, ``(K, D)`` or ``(D, *shape)``), ``"origin"`` the crop position ``(D,)``, ``"index"``,
     ``"names"``; :func:`learnreg.data.datasets.collate_pairs` stacks them into a
     ``RegistrationBatch`` with ``target``. :attr:`grid` and :attr:`preprocessor` describe
     the network grid, as the trainer expects.
@@ -249,6 +293,8 @@ class RandomWarpPairs(Dataset):
         grid_size: int | Sequence[int] = 3,
         magnitude: float = 3.0,
         fixed_border: bool = False,
+        field_spacings: Sequence[int] = (16, 8),
+        field_magnitudes: Sequence[float] = (3.0, 1.5),
         margin: int | None = None,
         seed: int = 0,
         grid: Grid | None = None,
@@ -295,6 +341,10 @@ class RandomWarpPairs(Dataset):
             raise ValueError(f"fixed_border needs grid_size >= 3, got {self.grid_size}")
         if not self.magnitude >= 0:
             raise ValueError(f"magnitude must be >= 0, got {magnitude}")
+        self.field_spacings = tuple(int(v) for v in field_spacings)
+        self.field_magnitudes = tuple(float(v) for v in field_magnitudes)
+        if kind == "dense":  # validates
+            random_smooth_displacement((4,) * ndim, self.field_spacings, self.field_magnitudes)
         self.margin = max(self.shape) // 8 if margin is None else int(margin)
         if self.margin < 0:
             raise ValueError(f"margin must be >= 0, got {margin}")
@@ -347,6 +397,14 @@ class RandomWarpPairs(Dataset):
             origin.append(int(torch.randint(lo, n - s - lo + 1, (1,), generator=g)))
         if self.kind == "affine":
             params = random_affine_params(1, self.ndim, generator=g, **self.affine)[0]
+        elif self.kind == "dense":
+            affine = random_affine_params(1, self.ndim, generator=g, **self.affine)
+            smooth = random_smooth_displacement(
+                self.shape, self.field_spacings, self.field_magnitudes, g
+            )
+            mapped = affine_points(affine, self.shape, self._points)  # (1, P, D)
+            linear = (mapped - self._points)[0].T.reshape(self.ndim, *self.shape)
+            params = (linear + smooth).float()
         else:
             params = random_tps_displacements(
                 1, self.num_control_points, self.ndim, self.magnitude, g
@@ -359,12 +417,19 @@ class RandomWarpPairs(Dataset):
         """``T(points)`` ``(N, P, D)`` (float64) for a batch of targets ``params``."""
         if self.kind == "affine":
             return affine_points(params, self.shape, points)
+        if self.kind == "dense":  # the field, linearly interpolated at the points
+            n, p = points.shape[0], points.shape[1]
+            at = points.double().reshape(n, p, *([1] * (self.ndim - 1)), self.ndim)
+            u = sample_index(params.double(), at.expand(params.shape[0], *at.shape[1:]))
+            return points.double() + u.reshape(params.shape[0], self.ndim, p).transpose(1, 2)
         return tps_points(params, self.shape, self.grid_size, points)
 
     def _crop_points(self, params: torch.Tensor) -> torch.Tensor:
         """``T(x)`` ``(1, P, D)`` of every voxel ``x`` of the crop grid (float64)."""
         if self.kind == "affine":
             return affine_points(params[None], self.shape, self._points)
+        if self.kind == "dense":
+            return self._points + params.double().flatten(1).T[None]
         # the spline's dense field by the TPS design of the crop grid (computed once)
         u = _tps_grid(self.shape, self.grid_size).dense(params[None].float())
         return self._points + u.flatten(2).transpose(1, 2).double()
@@ -406,6 +471,8 @@ _WARP_DEFAULTS = {
     "grid_size": 3,
     "magnitude": 3.0,
     "fixed_border": False,
+    "field_spacings": [16, 8],
+    "field_magnitudes": [3.0, 1.5],
     "margin": None,
 }
 
@@ -416,14 +483,15 @@ def warp_source(
 ) -> tuple[RandomWarpPairs, RandomWarpPairs | None]:
     """``data.synthetic: {kind: warp, ...}``: random affine / TPS warps of real images.
 
-    Keys (defaults): ``transform`` (``affine`` or ``tps``), ``images`` (``photos``, ``brains``,
+    Keys (defaults): ``transform`` (``affine``, ``tps`` or ``dense``), ``images`` (``photos``, ``brains``,
     ``both``, ``lpba40`` or a 2D image folder), ``val_images`` (default: the held-out split of
     a named source, none for a folder; ``false``: no validation), ``image_size`` (2D sources
     are resized to it, [144, 192]), ``folder`` (of the brain slices / the ``lpba40`` folder),
     ``subjects`` / ``val_subjects`` (LPBA40: :data:`LPBA_TRAIN` / :data:`LPBA_HELDOUT`),
     ``length`` (10⁶), ``seed`` (0), ``val_length`` (64), ``val_seed`` (``seed + 1``) and the
     warp ranges of :class:`RandomWarpPairs` (``rotation``, ``translation``, ``scale``,
-    ``shear``, ``grid_size``, ``magnitude``, ``fixed_border``, ``margin``).
+    ``shear``, ``grid_size``, ``magnitude``, ``fixed_border``, ``field_spacings``,
+    ``field_magnitudes``, ``margin``).
 
     The crop is the network grid: ``data.shape`` or the method's input shape. 2D images are
     cropped at random on a unit grid of that shape; LPBA40 volumes are put whole on the network
@@ -450,11 +518,14 @@ def warp_source(
             "grid_size",
             "magnitude",
             "fixed_border",
+            "field_spacings",
+            "field_magnitudes",
             "margin",
         )
     }
-    if isinstance(warp["grid_size"], list):
-        warp["grid_size"] = tuple(warp["grid_size"])
+    for key in ("grid_size", "field_spacings", "field_magnitudes"):
+        if isinstance(warp[key], list):
+            warp[key] = tuple(warp[key])
     seed = int(o["seed"])
     val_seed = seed + 1 if o["val_seed"] is None else int(o["val_seed"])
     try:
