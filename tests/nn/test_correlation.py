@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
@@ -136,6 +137,23 @@ def test_local_correlation_matches_brute_force(size, d, s1, s2, patch) -> None:
     ref = _local_loop(a, b, d, s1, s2, patch)
     assert out.shape == ref.shape
     assert float((out - ref).abs().max()) < 1e-6
+
+
+def test_normalized_local_correlation_is_the_cosine_of_centred_features() -> None:
+    """``normalize``: the brute-force loop on features centred and scaled to unit length per
+    position (numpy), times the channel count (a sum over channels, not a mean)."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(2, 4, 5, 6, generator=g, dtype=torch.float64) + 2.0
+    b = torch.randn(2, 4, 5, 6, generator=g, dtype=torch.float64) * 3.0
+
+    def centred_unit(t):
+        x = t.numpy() - t.numpy().mean(1, keepdims=True)
+        return torch.from_numpy(x / np.linalg.norm(x, axis=1, keepdims=True))
+
+    out = local_correlation(a, b, 2, 1, 1, 3, normalize=True)
+    ref = _local_loop(centred_unit(a), centred_unit(b), 2, 1, 1, 3) * 4
+    assert float((out - ref).abs().max()) < 1e-6
+    assert float(local_correlation(a, a, 0, normalize=True).sub(1).abs().max()) < 1e-6
 
 
 def test_local_correlation_peaks_at_the_shift_and_orders_channels() -> None:

@@ -118,6 +118,7 @@ def local_correlation(
     stride1: int = 1,
     stride2: int = 1,
     patch_size: int = 1,
+    normalize: bool = False,
 ) -> Tensor:
     """FlowNet's correlation volume ``(N, M, *S')`` of ``first`` and ``second`` ``(N, C, *S)``.
 
@@ -127,6 +128,10 @@ def local_correlation(
     :func:`displacements` ``(ndim, max_displacement, stride2)``. Values outside either map
     are zero (zero padding), so the output has ``first``'s size divided by ``stride1``
     (rounded up). ``patch_size`` must be odd.
+
+    ``normalize``: first give every position's feature vector zero mean and unit length over
+    the channels, and sum over them instead of averaging: each product is then the normalized
+    cross-correlation (cosine) of the two vectors, in ``[−1, 1]``.
     """
     if first.dim() not in (4, 5) or first.shape != second.shape:
         raise ValueError(
@@ -139,6 +144,11 @@ def local_correlation(
             f"{patch_size} and {stride1}"
         )
     ndim = first.dim() - 2
+    if normalize:
+        channels = first.shape[1]
+        first, second = (
+            F.normalize(t - t.mean(1, keepdim=True), dim=1) * channels**0.5 for t in (first, second)
+        )
     shifts = displacements(ndim, max_displacement, stride2)
     d, size = int(shifts.abs().max()) if len(shifts) else 0, first.shape[2:]
     padded = F.pad(second, [d] * (2 * ndim))
@@ -164,6 +174,9 @@ class LocalCorrelation(nn.Module):
             384×512 inputs).
         stride1, stride2: steps of the positions and of the displacements (FlowNetC: 1, 2).
         patch_size: ``K`` (FlowNetC: 1).
+        activation: the leaky ReLU after the correlation.
+        normalize: correlate zero-mean, unit-length feature vectors (:func:`local_correlation`;
+            not in FlowNet).
     """
 
     def __init__(
@@ -173,12 +186,13 @@ class LocalCorrelation(nn.Module):
         stride2: int = 1,
         patch_size: int = 1,
         activation: bool = True,
+        normalize: bool = False,
     ) -> None:
         super().__init__()
         displacements(2, max_displacement, stride2)  # validates
         self.max_displacement, self.stride1 = int(max_displacement), int(stride1)
         self.stride2, self.patch_size = int(stride2), int(patch_size)
-        self.activation = bool(activation)
+        self.activation, self.normalize = bool(activation), bool(normalize)
 
     def out_channels(self, ndim: int) -> int:
         """Number of displacements ``M`` (channels of the output) in ``ndim`` dimensions."""
@@ -186,12 +200,18 @@ class LocalCorrelation(nn.Module):
 
     def forward(self, first: Tensor, second: Tensor) -> Tensor:
         out = local_correlation(
-            first, second, self.max_displacement, self.stride1, self.stride2, self.patch_size
+            first,
+            second,
+            self.max_displacement,
+            self.stride1,
+            self.stride2,
+            self.patch_size,
+            self.normalize,
         )
         return F.leaky_relu(out, 0.1) if self.activation else out
 
     def extra_repr(self) -> str:
         return (
             f"max_displacement={self.max_displacement}, stride1={self.stride1}, "
-            f"stride2={self.stride2}, patch_size={self.patch_size}"
+            f"stride2={self.stride2}, patch_size={self.patch_size}, normalize={self.normalize}"
         )
