@@ -290,3 +290,60 @@ def test_config_options_and_legacy_keys():
         ClassicalConfig(linear=[LinearStage("afine")]).validate()
     with pytest.raises(ValueError, match="unknown DeformableStage keys"):
         ClassicalConfig.from_dict({"deformable": {"smothness": 1.0}})
+
+
+def _svf_only(iterations: int = 30, regularization: float = 1.0) -> ClassicalConfig:
+    stage = DeformableStage(
+        metric="mse",
+        shrink=(2,),
+        velocity_shrink=(4,),
+        iterations=(iterations,),
+        regularization={"diffusion": regularization},
+    )
+    return ClassicalConfig(linear=[], deformable=stage)
+
+
+def test_multichannel_pair_is_compared_channel_by_channel(data_root):
+    """A pair of two identical channels registers exactly as the single-channel pair (MSE is
+    the mean over channels); channels must match; the result keeps the optimized velocity,
+    whose exponential is the deformable part."""
+    from learnreg.spatial.svf import StationaryVelocityField
+
+    fixed = _slice(data_root / "ants2d/r16slice.jpg")
+    moving = _slice(data_root / "ants2d/r64slice.jpg")
+    one = register(fixed, moving, _svf_only())
+    two = register(
+        fixed.with_data(fixed.data.repeat(2, 1, 1)),
+        moving.with_data(moving.data.repeat(2, 1, 1)),
+        _svf_only(),
+    )
+    torch.testing.assert_close(
+        two.deformable.voxel_field(), one.deformable.voxel_field(), atol=1e-4, rtol=1e-4
+    )
+    v = one.velocity
+    assert isinstance(v, StationaryVelocityField) and v.grid.allclose(one.native_deformable.grid)
+    torch.testing.assert_close(v.exp(), one.native_deformable.voxel_field(), atol=1e-5, rtol=0)
+    assert float(v.velocity.abs().max()) > 0.1
+    with pytest.raises(InputError, match="channels"):
+        register(fixed.with_data(fixed.data.repeat(2, 1, 1)), moving, _svf_only())
+
+
+def test_one_hot_label_maps_register_by_their_overlap(lpba):
+    """Registering one-hot label maps (MSE, SVF only) raises their Dice: the reference
+    velocities of SVF-Net (Rohé 2017) come from this."""
+    _, fixed_lab = _lpba_small(lpba, "S01", 4.0)
+    _, moving_lab = _lpba_small(lpba, "S35", 4.0)
+    moving_lab = resample(moving_lab, fixed_lab.grid, mode="label")
+    labels = [v for v in torch.unique(fixed_lab.data).tolist() if v]
+
+    def one_hot(lab: Image) -> Image:
+        x = torch.stack([(lab.data[0] == v).float() for v in [0, *labels]])
+        return Image(x, lab.grid, lab.name)
+
+    # measured: Dice 0.516 -> 0.651 (min det J 0.83)
+    result = register(one_hot(fixed_lab), one_hot(moving_lab), _svf_only(100, 0.1))
+    warped = result.warp(moving_lab, mode="label")
+    before = mean_dice(fixed_lab.data, moving_lab.data, labels)
+    after = mean_dice(fixed_lab.data, warped.data, labels)
+    assert after > before + 0.1, (before, after)
+    assert float(result.jacobian_determinant().min()) > 0

@@ -44,7 +44,7 @@ from learnreg.spatial.fields import resize_displacement
 from learnreg.spatial.filters import gaussian_blur
 from learnreg.spatial.result import RegistrationResult
 from learnreg.spatial.sampling import regular_coords
-from learnreg.spatial.svf import integrate_velocity
+from learnreg.spatial.svf import StationaryVelocityField, integrate_velocity
 
 __all__ = ["register", "check_pair", "Progress"]
 
@@ -67,7 +67,9 @@ def register(
     """Register ``moving`` to ``fixed`` by iterative optimization.
 
     Args:
-        fixed, moving: single-channel images of the same dimensionality (any grids).
+        fixed, moving: images of the same dimensionality (any grids) and channel count;
+            several channels (e.g. one-hot label maps) are compared channel by channel by the
+            metric (mean over them for MSE).
         config: a :class:`ClassicalConfig` or the name of a preset.
         initial: starting affine (world, fixed→moving); default aligns centres of mass.
         progress: optional callback for progress display.
@@ -102,9 +104,11 @@ def register(
         overlap = overlap_warning(fixed, moving, matrix)
         if overlap is not None:
             warnings.append(overlap)
-        fwd = inv = None
+        fwd = inv = velocity = None
         if cfg.deformable is not None:
-            fwd, inv = _svf_stage(f, m, affine, cfg.deformable, cfg, progress, initial_field, masks)
+            fwd, inv, velocity = _svf_stage(
+                f, m, affine, cfg.deformable, cfg, progress, initial_field, masks
+            )
     info = {
         "method": "classical",
         "config": cfg.to_dict(),
@@ -117,7 +121,7 @@ def register(
             log.warning("%s → %s: %s", moving.name, fixed.name, w)
     if fwd is None:
         return RegistrationResult(fixed.grid, moving.grid, affine, info=info)
-    return RegistrationResult.from_native(fixed.grid, moving.grid, affine, fwd, inv, info)
+    return RegistrationResult.from_native(fixed.grid, moving.grid, affine, fwd, inv, info, velocity)
 
 
 def check_pair(fixed: Image, moving: Image) -> None:
@@ -127,12 +131,14 @@ def check_pair(fixed: Image, moving: Image) -> None:
             f"{moving.name} is {moving.ndim}D but {fixed.name} is {fixed.ndim}D: "
             "fixed and moving must have the same dimensionality"
         )
+    if fixed.channels != moving.channels:
+        raise InputError(
+            f"{moving.name} has {moving.channels} channels but {fixed.name} has "
+            f"{fixed.channels}: a multichannel pair (e.g. one-hot label maps) needs the same "
+            "channels in both, compared channel by channel"
+        )
     for im in (fixed, moving):
         check_axes(im.name, im.grid.shape, minimum=4)
-        if im.channels != 1:
-            raise InputError(
-                f"{im.name}: expected a single-channel image, got {im.channels} channels"
-            )
         im.validate_intensities()
 
 
@@ -195,10 +201,10 @@ def _svf_stage(
     progress: Progress | None,
     initial: DisplacementField | None = None,
     masks: MetricMasks | None = None,
-) -> tuple[DisplacementField, DisplacementField]:
-    """The velocity optimized coarse to fine: ``(exp(v), exp(−v))`` on the velocity's grid
-    (for ``model="displacement"``: the displacement there and its iterative inverse on the
-    fixed grid)."""
+) -> tuple[DisplacementField, DisplacementField, StationaryVelocityField | None]:
+    """The velocity optimized coarse to fine: ``(exp(v), exp(−v), v)`` on the velocity's grid
+    (for ``model="displacement"``: the displacement there, its iterative inverse on the fixed
+    grid, and no velocity)."""
     masks = masks or MetricMasks(fixed.image, moving.image)
     sim = similarity_terms(stage, config)
     reg = regularization_terms(stage)
@@ -251,4 +257,5 @@ def _svf_stage(
         else:  # iterative inverse, on the fixed grid
             inv = DisplacementField(fixed.image.grid, fwd.voxel_displacement(fixed.image.grid))
             inv = inv.inverse()
-    return fwd, inv
+    svf = StationaryVelocityField(vgrid, v, stage.steps) if diffeomorphic else None
+    return fwd, inv, svf

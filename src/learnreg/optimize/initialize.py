@@ -35,8 +35,9 @@ duplicates removed)."""
 
 
 def center_of_mass(image: Image) -> torch.Tensor:
-    """Intensity-weighted centre (world mm, float64) of the non-negative part of ``image``."""
-    w = image.data[0].float().clamp(min=0)
+    """Intensity-weighted centre (world mm, float64) of the non-negative part of ``image``
+    (of all its channels)."""
+    w = image.data.float().clamp(min=0).sum(0)
     # index-space centre from the marginals (no per-voxel coordinate array), then to world
     marginals = [w.sum(dim=[a for a in range(w.dim()) if a != k]).double() for k in range(w.dim())]
     total = marginals[0].sum().clamp(min=1e-12)
@@ -176,7 +177,7 @@ def overlap_warning(fixed: Image, moving: Image, matrix: torch.Tensor) -> str | 
     grid = fixed.grid
     stride = max(1, round((grid.numel / 4096) ** (1 / grid.ndim)))
     every = (slice(None, None, stride),) * grid.ndim
-    data = fixed.data[0][every].double()
+    data = fixed.data.sum(0)[every].double()
     axes = [torch.arange(0, n, stride, dtype=torch.float64) for n in grid.shape]
     pts = grid.index_to_world(torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1))
     fg = data > data.mean()

@@ -60,7 +60,7 @@ class MetricMasks:
         if self.moving is not None:
             src = torch.cat([src, self._on(self.moving, moving_level)], dim=1)
         out = sample(src.expand(coords.shape[0], *src.shape[1:]), coords)
-        image = out[:, :1]
+        image = out[:, : moving_level.channels]
         weight = out[:, 1:] if self.moving is not None else None
         if self.fixed is not None:
             f = self._on(self.fixed, fixed_level)

@@ -61,6 +61,9 @@ class RegistrationResult:
             were computed on — a velocity's integration grid, a network's grid — when there
             is one; the fixed-grid fields are their linear interpolation (zero outside, as ITK
             interpolates a displacement field), so files of these are exact and small.
+        velocity: the stationary velocity whose exponential is the deformable part, on its
+            grid, when the registration optimized one (classical SVF stage); kept in memory
+            only (e.g. as the reference velocity of a supervised SVF network), not saved.
     """
 
     fixed_grid: Grid
@@ -71,6 +74,7 @@ class RegistrationResult:
     info: dict = field(default_factory=dict)
     native_deformable: DisplacementField | None = None
     native_inverse: DisplacementField | None = None
+    velocity: StationaryVelocityField | None = None
 
     def __post_init__(self) -> None:
         if self.fixed_grid.ndim != self.moving_grid.ndim:
@@ -92,10 +96,12 @@ class RegistrationResult:
         native: DisplacementField,
         native_inverse: DisplacementField | None,
         info: dict | None = None,
+        velocity: StationaryVelocityField | None = None,
     ) -> RegistrationResult:
         """The result whose deformable part is ``native`` (and its inverse), fields on any
         grid, expressed on the fixed grid by linear interpolation (zero outside); a field
-        already on the fixed grid is used as it is (and not kept as native)."""
+        already on the fixed grid is used as it is (and not kept as native). ``velocity``:
+        the velocity ``native`` integrates, if any."""
 
         def on_fixed(f: DisplacementField | None) -> DisplacementField | None:
             if f is None or f.grid.allclose(fixed_grid):
@@ -108,7 +114,15 @@ class RegistrationResult:
         fwd, inv = on_fixed(native), on_fixed(native_inverse)
         info = dict(info or {})
         return cls(
-            fixed_grid, moving_grid, affine, fwd, inv, info, coarse(native), coarse(native_inverse)
+            fixed_grid,
+            moving_grid,
+            affine,
+            fwd,
+            inv,
+            info,
+            coarse(native),
+            coarse(native_inverse),
+            velocity,
         )
 
     @classmethod
