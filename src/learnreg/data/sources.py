@@ -28,7 +28,12 @@ __all__ = ["register_source", "synthetic_datasets", "source_kinds"]
 
 Builder = Callable[[dict, Preprocessor], tuple[Any, Any]]
 _SOURCES: dict[str, Builder] = {}
-_MODULES = ("learnreg.data.synthetic", "learnreg.data.random_warps", "learnreg.data.perturb")
+_MODULES = (
+    "learnreg.data.synthetic",
+    "learnreg.data.random_warps",
+    "learnreg.data.perturb",
+    "learnreg.data.reference_fields",
+)
 
 
 def register_source(kind: str) -> Callable[[Builder], Builder]:
