@@ -77,11 +77,13 @@ def test_extract_patches_against_numpy_indexing() -> None:
         extract_patches(image, torch.tensor([[[30, 0, 0]]]), PATCH)
 
 
+@pytest.mark.parametrize("coord_conv", [False, True])
 @pytest.mark.parametrize("ndim,shape", [(2, (40, 37)), (3, (20, 23, 18))])
-def test_dense_prediction_equals_patch_by_patch(ndim, shape) -> None:
+def test_dense_prediction_equals_patch_by_patch(ndim, shape, coord_conv) -> None:
     """The whole-image (sliding, stride 2) prediction equals the patch network applied to
-    extracted patches at those voxels, and is a field on the stride-2 grid."""
-    m = RegNet(ndim=ndim, width=0.25)
+    extracted patches at those voxels (with CoordConv: given their positions in the image),
+    and is a field on the stride-2 grid."""
+    m = RegNet(ndim=ndim, width=0.25, coord_conv=coord_conv)
     _randomize_batch_norms(m)
     m.eval()
     g = torch.Generator().manual_seed(1)

@@ -69,6 +69,7 @@ class FlowNetMethod(RegistrationMethod):
         max_displacement, stride2, patch_size: FlowNetC's correlation (ignored by FlowNetS).
         normalize_correlation: FlowNetC correlates zero-mean, unit-length features
             (:class:`FlowNetC`; ``False``: the paper's raw products).
+        coord_conv: ``conv1`` as a CoordConv.
     """
 
     correlation: bool = False
@@ -83,6 +84,7 @@ class FlowNetMethod(RegistrationMethod):
         stride2: int = 1,
         patch_size: int = 1,
         normalize_correlation: bool = True,
+        coord_conv: bool = False,
     ) -> None:
         super().__init__()
         if ndim not in (2, 3):
@@ -97,7 +99,7 @@ class FlowNetMethod(RegistrationMethod):
         corr = (
             LocalCorrelation(max_displacement, 1, stride2, patch_size) if self.correlation else None
         )
-        self.net = FlowNet(ndim, 1, width, corr)
+        self.net = FlowNet(ndim, 1, width, corr, coord_conv)
         self.ndim, self.div_flow = ndim, float(div_flow)
         self.loss_weights = tuple(float(w) for w in loss_weights)
 

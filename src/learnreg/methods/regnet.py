@@ -47,7 +47,7 @@ from learnreg.core.grid import Grid
 from learnreg.methods.base import MethodOutput, RegistrationBatch, RegistrationMethod, unit_grid
 from learnreg.methods.flownet import endpoint_error
 from learnreg.methods.registry import register_method
-from learnreg.nn.blocks import conv_nd
+from learnreg.nn.blocks import CoordConv, conv_nd
 from learnreg.spatial.displacement import DisplacementField
 
 __all__ = ["RegNet", "RegNetwork", "PatchPredictions", "extract_patches", "PATCH", "CONTEXT"]
@@ -109,13 +109,21 @@ def _valid_convs(ndim: int, cin: int, channels: Sequence[int]) -> nn.Sequential:
 class RegNetwork(nn.Module):
     """RegNet's network (module docstring), fully convolutional.
 
-    ``forward(fixed, moving, fixed_low, moving_low)``: full-resolution inputs ``(N, 1, *S)``
-    and context inputs (every second voxel) ``(N, 1, *S_low)``; on a 29-patch and its 27-sample
-    context the output is ``(N, D, 1, …)``; on a padded image (:meth:`dense_inputs`) it is the
-    displacement at every second voxel.
+    ``forward(fixed, moving, fixed_low, moving_low, coords)``: full-resolution inputs
+    ``(N, 1, *S)`` and context inputs (every second voxel) ``(N, 1, *S_low)``; on a 29-patch
+    and its 27-sample context the output is ``(N, D, 1, …)``; on a padded image
+    (:meth:`dense_inputs`) it is the displacement at every second voxel. ``coord_conv``: the
+    first fully connected layer is a CoordConv that also sees ``coords``, the normalized
+    position of each output voxel in the whole image (a patch has no position of its own).
     """
 
-    def __init__(self, ndim: int = 3, width: float = 1.0, shared_weights: bool = True) -> None:
+    def __init__(
+        self,
+        ndim: int = 3,
+        width: float = 1.0,
+        shared_weights: bool = True,
+        coord_conv: bool = False,
+    ) -> None:
         super().__init__()
         if not width > 0:
             raise ValueError(f"RegNet: width must be > 0, got {width}")
@@ -133,26 +141,39 @@ class RegNetwork(nn.Module):
         self.merge = _valid_convs(ndim, full[-1] + low[-1], merge)
         conv = conv_nd(ndim)
         norm = nn.BatchNorm2d if ndim == 2 else nn.BatchNorm3d
-        self.head = nn.Sequential(
-            conv(merge[-1], hidden, 1, bias=False),
-            norm(hidden),
-            nn.ReLU(inplace=True),
-            conv(hidden, ndim, 1),
-        )
+        self.coord_conv = bool(coord_conv)
+        if coord_conv:
+            opts = {"kernel_size": 1, "norm": "batch", "negative_slope": 0.0}
+            self.hidden: nn.Module = CoordConv(ndim, merge[-1], hidden, **opts)
+        else:
+            self.hidden = nn.Sequential(
+                conv(merge[-1], hidden, 1, bias=False), norm(hidden), nn.ReLU(inplace=True)
+            )
+        self.head = conv(hidden, ndim, 1)
         self.pool = nn.MaxPool2d(2) if ndim == 2 else nn.MaxPool3d(2)
 
     def _stream(self, scale: int, image: int) -> nn.Module:
         return self.streams[scale if self.shared_weights else 2 * scale + image]
 
     def forward(
-        self, fixed: Tensor, moving: Tensor, fixed_low: Tensor, moving_low: Tensor
+        self,
+        fixed: Tensor,
+        moving: Tensor,
+        fixed_low: Tensor,
+        moving_low: Tensor,
+        coords: Tensor | None = None,
     ) -> Tensor:
         full = torch.cat([self._stream(0, 0)(fixed), self._stream(0, 1)(moving)], 1)
         low = torch.cat([self._stream(1, 0)(fixed_low), self._stream(1, 1)(moving_low)], 1)
         full, low = self.pool(self.full(full)), self.low(low)
         size = [min(a, b) for a, b in zip(full.shape[2:], low.shape[2:], strict=True)]
         crop = (slice(None), slice(None), *[slice(0, s) for s in size])
-        return self.head(self.merge(torch.cat([full[crop], low[crop]], 1)))
+        x = self.merge(torch.cat([full[crop], low[crop]], 1))
+        if self.coord_conv:
+            if coords is None:
+                raise ValueError("RegNetwork: coord_conv needs the coords of the outputs")
+            return self.head(self.hidden(x, coords))
+        return self.head(self.hidden(x))
 
     @staticmethod
     def dense_inputs(image: Tensor) -> tuple[Tensor, Tensor]:
@@ -166,6 +187,13 @@ class RegNetwork(nn.Module):
         pad_low = [p for e in reversed(odd) for p in (rl, rl + e)]
         low = F.pad(image, pad_low)[(slice(None), slice(None), *[slice(None, None, 2)] * ndim)]
         return F.pad(image, pad), low
+
+
+def _normalized(centres: Tensor, shape: Sequence[int]) -> Tensor:
+    """Voxel indices ``(..., D)`` as coordinates in [−1, 1] of an image of ``shape``
+    (:class:`~learnreg.nn.blocks.AddCoords`' convention)."""
+    size = torch.tensor([max(int(s) - 1, 1) for s in shape], device=centres.device)
+    return centres.float() / size * 2 - 1
 
 
 @dataclass
@@ -202,6 +230,8 @@ class RegNet(RegistrationMethod):
         patches_per_pair: training patch centres sampled per pair.
         foreground: centres are drawn where the fixed image exceeds this fraction of its
             maximum (patches with image content).
+        coord_conv: the head also sees each prediction's position in the image
+            (:class:`RegNetwork`).
     """
 
     def __init__(
@@ -211,6 +241,7 @@ class RegNet(RegistrationMethod):
         shared_weights: bool = True,
         patches_per_pair: int = 16,
         foreground: float = 0.1,
+        coord_conv: bool = False,
     ) -> None:
         super().__init__()
         if ndim not in (2, 3):
@@ -219,7 +250,7 @@ class RegNet(RegistrationMethod):
             raise ValueError(f"RegNet: patches_per_pair must be >= 1, got {patches_per_pair}")
         if not 0 <= foreground < 1:
             raise ValueError(f"RegNet: foreground must be in [0, 1), got {foreground}")
-        self.net = RegNetwork(ndim, width, shared_weights)
+        self.net = RegNetwork(ndim, width, shared_weights, coord_conv)
         self.ndim, self.patches_per_pair, self.foreground = ndim, int(patches_per_pair), foreground
 
     def check_pair(self, fixed: Tensor, moving: Tensor) -> None:
@@ -244,7 +275,9 @@ class RegNet(RegistrationMethod):
         n, k = centres.shape[:2]
         full = [extract_patches(t, centres, PATCH) for t in (fixed, moving)]
         low = [extract_patches(t, centres, CONTEXT, 2) for t in (fixed, moving)]
-        return self.net(*full, *low).reshape(n, k, self.ndim)
+        coords = _normalized(centres.reshape(n * k, self.ndim), fixed.shape[2:])
+        coords = coords.reshape(n * k, self.ndim, *[1] * self.ndim)
+        return self.net(*full, *low, coords).reshape(n, k, self.ndim)
 
     def forward(
         self, fixed: Tensor, moving: Tensor, grid: Grid | None = None
@@ -255,7 +288,15 @@ class RegNet(RegistrationMethod):
             return PatchPredictions(centres, self.predict_at(fixed, moving, centres))
         grid = unit_grid(fixed) if grid is None else grid
         (f, f_low), (m, m_low) = RegNetwork.dense_inputs(fixed), RegNetwork.dense_inputs(moving)
-        u = self.net(f, m, f_low, m_low)  # at voxels 0, 2, 4, ... of the grid
+        shape = fixed.shape[2:]
+        axes = [torch.arange(0, s + 1, 2, device=fixed.device) for s in shape]  # voxels 0, 2, ...
+        centres = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)
+        coords = (
+            _normalized(centres, shape)
+            .movedim(-1, 0)[None]
+            .expand(len(fixed), -1, *centres.shape[:-1])
+        )
+        u = self.net(f, m, f_low, m_low, coords)  # at voxels 0, 2, 4, ... of the grid
         coarse = Grid(u.shape[2:], tuple(2 * s for s in grid.spacing), grid.origin, grid.direction)
         return MethodOutput(DisplacementField(coarse, u / 2), grid, moving)
 

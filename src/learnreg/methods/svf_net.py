@@ -50,7 +50,7 @@ class SVFNet(VoxelMorph):
 
     Args:
         ndim: 3 (the paper) or 2.
-        enc_features, dec_features, norm: the U-Net.
+        enc_features, dec_features, norm, coord_conv: the U-Net.
         integration_steps: scaling-and-squaring steps of ``exp(v)`` (> 0).
         int_downsize: predict the velocity on a grid this many times coarser (the reference
             is resized to it and rescaled to its voxels).
@@ -68,6 +68,7 @@ class SVFNet(VoxelMorph):
         integration_steps: int = 7,
         int_downsize: int = 1,
         norm: str | None = None,
+        coord_conv: bool = False,
     ) -> None:
         if integration_steps < 1:
             raise ValueError(f"svf-net: integration_steps must be >= 1, got {integration_steps}")
@@ -80,6 +81,7 @@ class SVFNet(VoxelMorph):
             integration_steps=integration_steps,
             int_downsize=int_downsize,
             norm=norm,
+            coord_conv=coord_conv,
         )
 
     def image_weight(self) -> float:

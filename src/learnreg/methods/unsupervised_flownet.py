@@ -48,6 +48,7 @@ class ShanUnsupervised(FlowNetMethod):
         smoothness: weight of the flow-gradient penalty.
         penalty: ``"l1"`` (mean absolute forward differences, total variation) or ``"l2"``
             (mean squared, diffusion).
+        coord_conv: ``conv1`` as a CoordConv.
     """
 
     correlation = False
@@ -59,8 +60,9 @@ class ShanUnsupervised(FlowNetMethod):
         div_flow: float = 20.0,
         smoothness: float = 0.05,
         penalty: str = "l1",
+        coord_conv: bool = False,
     ) -> None:
-        super().__init__(ndim, width, div_flow)
+        super().__init__(ndim, width, div_flow, coord_conv=coord_conv)
         check_option("penalty", penalty, PENALTIES)
         if not smoothness >= 0:
             raise ValueError(f"{self.name}: smoothness must be >= 0, got {smoothness}")

@@ -109,15 +109,26 @@ class AddCoords(nn.Module):
 
 
 class CoordConv(nn.Module):
-    """:class:`AddCoords` followed by a :class:`ConvBlock` on ``in_channels + ndim`` channels."""
+    """:class:`AddCoords` followed by a :class:`ConvBlock` on ``in_channels + ndim`` channels.
+
+    ``forward(x, coords)``: ``coords`` ``(N, D, *S)`` replaces the tensor's own coordinates,
+    for a network whose input is a crop of a larger image (a patch network: the position of
+    each output in the whole image)."""
 
     def __init__(self, ndim: int, in_channels: int, out_channels: int, **block_options) -> None:
         super().__init__()
         self.add_coords = AddCoords(ndim)
         self.block = ConvBlock(ndim, in_channels + ndim, out_channels, **block_options)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.block(self.add_coords(x))
+    def forward(self, x: Tensor, coords: Tensor | None = None) -> Tensor:
+        if coords is None:
+            return self.block(self.add_coords(x))
+        if coords.shape != (x.shape[0], self.add_coords.ndim, *x.shape[2:]):
+            raise ValueError(
+                f"CoordConv: coords must be {(x.shape[0], self.add_coords.ndim, *x.shape[2:])}, "
+                f"got {tuple(coords.shape)}"
+            )
+        return self.block(torch.cat([x, coords.to(x)], 1))
 
 
 class FlowHead(nn.Module):

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from learnreg.nn.blocks import conv_nd
+from learnreg.nn.blocks import CoordConv, conv_nd
 from learnreg.nn.correlation import LocalCorrelation
 
 __all__ = ["FLOWNET_ENCODER", "FLOWNET_DECODER", "FlowNet"]
@@ -78,6 +78,8 @@ class FlowNet(nn.Module):
         in_channels: channels of each image (1 for grayscale).
         width: multiplier of every channel count (1.0: the paper).
         correlation: the correlation layer of FlowNetC, or None for FlowNetS.
+        coord_conv: ``conv1`` is a CoordConv (Liu et al. 2018: normalized coordinate channels
+            appended to its input).
 
     ``forward(first, second)`` with inputs ``(N, C, *S)`` (sizes divisible by 64) returns
     the flows ``[flow2, flow3, flow4, flow5, flow6]`` ``(N, ndim, *S / 2**k)``, in whatever
@@ -90,6 +92,7 @@ class FlowNet(nn.Module):
         in_channels: int = 1,
         width: float = 1.0,
         correlation: LocalCorrelation | None = None,
+        coord_conv: bool = False,
     ) -> None:
         super().__init__()
         if not width > 0:
@@ -103,7 +106,11 @@ class FlowNet(nn.Module):
                 redirect = _scaled(_REDIRECT, width)
                 self.redirect = _conv(ndim, prev, redirect, 1, 1)
                 prev = correlation.out_channels(ndim) + redirect
-            self.encoder[name] = _conv(ndim, prev, ch[name], kernel, stride)
+            if i == 0 and coord_conv:
+                opts = {"stride": stride, "kernel_size": kernel, "negative_slope": 0.1}
+                self.encoder[name] = CoordConv(ndim, prev, ch[name], **opts)
+            else:
+                self.encoder[name] = _conv(ndim, prev, ch[name], kernel, stride)
             prev = ch[name]
         self.predict = nn.ModuleList([conv_nd(ndim)(prev, ndim, 3, padding=1)])
         self.deconv, self.upflow = nn.ModuleList(), nn.ModuleList()
