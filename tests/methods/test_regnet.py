@@ -163,6 +163,7 @@ def _epe(method, val) -> tuple[float, float]:
 BOUND_2D = 0.9
 
 
+@pytest.mark.slow  # about 50 s on one thread: patch training needs 750 steps to show
 def test_trains_below_the_identity_on_unseen_slices() -> None:
     options = {**WARPS, "images": "both", "length": 10**6, "val_length": 24}
     train, val = warp_source(options, Preprocessor(NetworkGrid((64, 64)), percentiles=None))

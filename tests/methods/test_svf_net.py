@@ -51,7 +51,7 @@ def test_velocity_output_and_squared_error_supervision(ndim) -> None:
     out = m(fixed, moving)
     assert isinstance(out.transform, StationaryVelocityField)
     terms = m.loss(RegistrationBatch(fixed, moving, target=target), out)
-    v = out.extras["field"]
+    v = out.extras["field"].detach()
     assert float(terms["total"].detach()) == pytest.approx(
         float(((v - target) ** 2).mean()), rel=1e-5
     )
