@@ -95,18 +95,16 @@ def pre() -> Preprocessor:
     return Preprocessor(NetworkGrid(SHAPE), percentiles=None)
 
 
-def atlas_pairs(subjects, cache: Path, with_references: bool):
+def atlas_pairs(subjects, cache: Path):
+    """S01 ← ``subjects`` with their reference velocities (computed once into ``cache``), and
+    S01 ← S35–S40 with labels only (no reference is made for them)."""
     options = {
         "subjects": list(subjects),
         "val_subjects": list(LPBA_HELDOUT),
         "cache": str(cache),
         "length": 10**6,
     }
-    train, val = svf_reference_source(options, pre()) if with_references else (None, None)
-    if not with_references:
-        options["subjects"] = list(LPBA_HELDOUT)[:1]
-        _, val = svf_reference_source(options, pre())
-    return train, val
+    return svf_reference_source(options, pre())
 
 
 def synthetic(subjects, seed: int, length: int):
@@ -145,7 +143,7 @@ def run_network(name, steps, seconds, lr, seed, subjects, cache) -> dict:
     if name == "regnet":
         train_set, _ = synthetic(subjects, seed, 10**6)
     else:
-        train_set, _ = atlas_pairs(subjects, cache, True)
+        train_set, _ = atlas_pairs(subjects, cache)
     loader = torch.utils.data.DataLoader(
         train_set,
         batch_size=2,
@@ -154,7 +152,7 @@ def run_network(name, steps, seconds, lr, seed, subjects, cache) -> dict:
         generator=torch.Generator().manual_seed(seed),
     )
     info = train_loop(m, loader, steps, seconds, lr)
-    _, val = atlas_pairs(subjects, cache, False)
+    _, val = atlas_pairs(subjects, cache)
     rows = []
     for pair in test_pairs(val):
         t0 = time.perf_counter()
@@ -182,7 +180,7 @@ def run_network(name, steps, seconds, lr, seed, subjects, cache) -> dict:
 
 
 def run_baselines(subjects, cache, seed) -> list[dict]:
-    _, val = atlas_pairs(subjects, cache, False)
+    _, val = atlas_pairs(subjects, cache)
     identity = {"name": "identity", "pairs": [], "epe": []}
     classical = {"name": "classical default", "pairs": [], "epe": []}
     for pair in test_pairs(val):
@@ -216,7 +214,7 @@ def main(argv=None) -> None:
         print(json.dumps(run_network(a.run, a.steps, a.seconds, a.lr, a.seed, a.train, a.cache)))
         return
     t0 = time.perf_counter()
-    atlas_pairs(a.train, a.cache, True)  # the references, once, into the cache
+    atlas_pairs(a.train, a.cache)  # the references, once, into the cache
     reference_seconds = time.perf_counter() - t0
     results = run_baselines(a.train, a.cache, a.seed)
     budget = None
