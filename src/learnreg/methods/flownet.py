@@ -205,7 +205,11 @@ class FlowNetC(FlowNetMethod):
     after 500 steps (also at learning rates 5e-4 and 1e-4 over 1800 steps, with the products
     scaled by 10, or with features only centred) — the products are dominated by the mean
     feature level shared by all displacements; normalized, it reached 2.54 px at 500 steps
-    and 1.83 px at 750 (FlowNetS: 2.47 px at 500).
+    and 1.83 px at 750 with seed 0 (FlowNetS: 2.47 px at 500). Even so it is not reliable at
+    this scale: seeds 1 and 2 stayed at the identity through 1750 steps, as did the 2000-step
+    run of ``benchmarks/dense_fields_2d.py`` (also tried without effect: standardizing the
+    correlation volume, near-zero flow heads, ``max_displacement`` 2, no ``conv_redir``,
+    128×128 inputs with twice the motion, learning rate 1e-4).
     """
 
     correlation = True
