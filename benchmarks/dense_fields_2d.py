@@ -226,6 +226,39 @@ def run_baselines(seed: int) -> list[dict]:
     return [identity, classical]
 
 
+def run_networks(script: str, methods, args: list[str], results: list[dict]) -> None:
+    """Each of ``methods`` trained and scored by ``script --run <name> *args`` in a fresh
+    process (its JSON result appended to ``results``); VoxelMorph gets the mean wall time of
+    the supervised runs before it (``--seconds``)."""
+    budget = None
+    for name in methods:
+        cmd = [sys.executable, script, "--run", name, *args]
+        if name.startswith("voxelmorph") and budget is not None:
+            cmd += ["--seconds", str(budget)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        results.append(json.loads(out.strip().splitlines()[-1]))
+        done = [r["train_seconds"] for r in results if r.get("supervised")]
+        budget = float(np.mean(done)) if done else None
+        last = results[-1]
+        print(f"{name}: {last['steps']} steps, {last['train_seconds']:.0f} s", flush=True)
+
+
+def summary(results: list[dict], epe: str) -> dict:
+    """Per method: estimate and 95 % bootstrap CI of the EPE, Dice and folding, s / pair."""
+    return {
+        r["name"]: {
+            epe: ci(r["epe"]),
+            "dice": ci([q["dice"] for q in r["pairs"]]),
+            "folding_percent": ci([q["folding_percent"] for q in r["pairs"]]),
+            "seconds_per_pair": round(float(np.mean([q["seconds"] for q in r["pairs"]])), 4),
+            "train": {
+                k: r.get(k) for k in ("steps", "train_seconds", "supervised", "labels_in_training")
+            },
+        }
+        for r in results
+    }
+
+
 def ci(values) -> list[float]:
     return [round(v, 4) for v in bootstrap_ci(values)]
 
@@ -269,40 +302,9 @@ def main(argv=None) -> None:
         print(json.dumps(result))
         return
     results = run_baselines(a.seed)
-    budget = None
-    for name in a.methods:
-        cmd = [
-            sys.executable,
-            __file__,
-            "--run",
-            name,
-            "--steps",
-            str(a.steps),
-            "--lr",
-            str(a.lr),
-            "--seed",
-            str(a.seed),
-        ]
-        if name.startswith("voxelmorph") and budget is not None:
-            cmd += ["--seconds", str(budget)]  # the supervised networks' mean wall time
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        result = json.loads(out.strip().splitlines()[-1])
-        results.append(result)
-        done = [r["train_seconds"] for r in results if r.get("supervised")]
-        budget = float(np.mean(done)) if done else None
-        print(f"{name}: {result['steps']} steps, {result['train_seconds']:.0f} s", flush=True)
-    table = {}
-    for r in results:
-        pairs = r["pairs"]
-        table[r["name"]] = {
-            "epe_px": ci(r["epe"]),
-            "dice": ci([q["dice"] for q in pairs]),
-            "folding_percent": ci([q["folding_percent"] for q in pairs]),
-            "seconds_per_pair": round(float(np.mean([q["seconds"] for q in pairs])), 4),
-            "train": {
-                k: r.get(k) for k in ("steps", "train_seconds", "supervised", "labels_in_training")
-            },
-        }
+    args = ["--steps", str(a.steps), "--lr", str(a.lr), "--seed", str(a.seed)]
+    run_networks(__file__, a.methods, args, results)
+    table = summary(results, "epe_px")
     report = {
         "protocol": __doc__.split("\n\n")[1:4],
         "args": {k: str(v) for k, v in vars(a).items()},

@@ -29,12 +29,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -42,10 +40,11 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
 from dense_fields_2d import (  # noqa: E402
-    ci,
     classical_displacement,
     print_table,
+    run_networks,
     scores,
+    summary,
     train_loop,
 )
 
@@ -217,46 +216,11 @@ def main(argv=None) -> None:
     atlas_pairs(a.train, a.cache)  # the references, once, into the cache
     reference_seconds = time.perf_counter() - t0
     results = run_baselines(a.train, a.cache, a.seed)
-    budget = None
-    for name in a.methods:
-        cmd = [
-            sys.executable,
-            __file__,
-            "--run",
-            name,
-            "--steps",
-            str(a.steps),
-            "--lr",
-            str(a.lr),
-            "--seed",
-            str(a.seed),
-            "--cache",
-            str(a.cache),
-            "--train",
-            *a.train,
-        ]
-        if name.startswith("voxelmorph") and budget is not None:
-            cmd += ["--seconds", str(budget)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        results.append(json.loads(out.strip().splitlines()[-1]))
-        done = [r["train_seconds"] for r in results if r.get("supervised")]
-        budget = float(np.mean(done)) if done else None
-        print(
-            f"{name}: {results[-1]['steps']} steps, {results[-1]['train_seconds']:.0f} s",
-            flush=True,
-        )
-    table = {
-        r["name"]: {
-            "epe_vox": ci(r["epe"]),
-            "dice": ci([q["dice"] for q in r["pairs"]]),
-            "folding_percent": ci([q["folding_percent"] for q in r["pairs"]]),
-            "seconds_per_pair": round(float(np.mean([q["seconds"] for q in r["pairs"]])), 4),
-            "train": {
-                k: r.get(k) for k in ("steps", "train_seconds", "supervised", "labels_in_training")
-            },
-        }
-        for r in results
-    }
+    args = ["--steps", str(a.steps), "--lr", str(a.lr), "--seed", str(a.seed)]
+    run_networks(
+        __file__, a.methods, [*args, "--cache", str(a.cache), "--train", *a.train], results
+    )
+    table = summary(results, "epe_vox")
     report = {
         "args": {k: str(v) for k, v in vars(a).items()},
         "torch": torch.__version__,

@@ -72,6 +72,27 @@ class RegistrationBatch:
         return self.grid if self.grid is not None else unit_grid(self.fixed)
 
 
+def dense_target(
+    batch: RegistrationBatch,
+    ndim: int,
+    method: str,
+    what: str = "the true dense displacement",
+    source: str = "data.synthetic: {kind: warp, transform: dense}",
+) -> Tensor:
+    """``batch.target`` as a dense field ``(N, D, *S)`` on the batch's grid (voxels), in the
+    fixed image's dtype; a ValueError naming ``method``, ``what`` supervises it and a data
+    ``source`` that provides it when the batch has none or another shape."""
+    t, f = batch.target, batch.fixed
+    want = (f.shape[0], ndim, *f.shape[2:])
+    if t is None or tuple(t.shape) != want:
+        got = "none" if t is None else tuple(t.shape)
+        raise ValueError(
+            f"{method}: supervised by {what}; the batch needs target {want} (e.g. {source}), "
+            f"got {got}"
+        )
+    return t.to(f.dtype)
+
+
 class MethodOutput:
     """A method's prediction for a batch: the transform, and what is derived from it.
 

@@ -32,7 +32,13 @@ from torch import Tensor
 
 from learnreg.core.grid import Grid
 from learnreg.losses import functional as LF
-from learnreg.methods.base import MethodOutput, RegistrationBatch, RegistrationMethod, unit_grid
+from learnreg.methods.base import (
+    MethodOutput,
+    RegistrationBatch,
+    RegistrationMethod,
+    dense_target,
+    unit_grid,
+)
 from learnreg.methods.registry import register_method
 from learnreg.nn.correlation import LocalCorrelation
 from learnreg.nn.flownet import FlowNet
@@ -136,15 +142,7 @@ class FlowNetMethod(RegistrationMethod):
     # -- supervision by the true dense field
     def target(self, batch: RegistrationBatch) -> Tensor:
         """``batch.target``: the true displacement ``(N, D, *S)`` in voxels of the grid."""
-        t, f = batch.target, batch.fixed
-        want = (f.shape[0], self.ndim, *f.shape[2:])
-        if t is None or tuple(t.shape) != want:
-            got = "none" if t is None else tuple(t.shape)
-            raise ValueError(
-                f"{self.name}: supervised by the true dense displacement; the batch needs "
-                f"target {want} (e.g. data.synthetic: {{kind: warp, transform: dense}}), got {got}"
-            )
-        return t.to(f.dtype)
+        return dense_target(batch, self.ndim, self.name)
 
     def multiscale_epe(self, flows: Sequence[Tensor], target: Tensor) -> Tensor:
         """FlowNet's loss: ``Σ_k w_k · mean_N Σ_x |flow_k(x) − target_k(x) / div_flow|``."""

@@ -44,7 +44,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from learnreg.core.grid import Grid
-from learnreg.methods.base import MethodOutput, RegistrationBatch, RegistrationMethod, unit_grid
+from learnreg.methods.base import (
+    MethodOutput,
+    RegistrationBatch,
+    RegistrationMethod,
+    dense_target,
+    unit_grid,
+)
 from learnreg.methods.flownet import endpoint_error
 from learnreg.methods.registry import register_method
 from learnreg.nn.blocks import CoordConv, conv_nd
@@ -301,15 +307,8 @@ class RegNet(RegistrationMethod):
         return MethodOutput(DisplacementField(coarse, u / 2), grid, moving)
 
     def target(self, batch: RegistrationBatch) -> Tensor:
-        t, f = batch.target, batch.fixed
-        want = (f.shape[0], self.ndim, *f.shape[2:])
-        if t is None or tuple(t.shape) != want:
-            got = "none" if t is None else tuple(t.shape)
-            raise ValueError(
-                f"regnet: supervised by the true dense displacement; the batch needs target "
-                f"{want} (e.g. data.synthetic: {{kind: warp, transform: dense}}), got {got}"
-            )
-        return t.to(f.dtype)
+        """``batch.target``: the true displacement ``(N, D, *S)`` in voxels of the grid."""
+        return dense_target(batch, self.ndim, "regnet")
 
     def loss(
         self, batch: RegistrationBatch, output: MethodOutput | PatchPredictions

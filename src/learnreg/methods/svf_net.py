@@ -27,7 +27,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from learnreg.methods.base import MethodOutput, RegistrationBatch
+from learnreg.methods.base import MethodOutput, RegistrationBatch, dense_target
 from learnreg.methods.registry import register_method
 from learnreg.methods.voxelmorph import VoxelMorph
 from learnreg.spatial.fields import resize_displacement
@@ -89,14 +89,13 @@ class SVFNet(VoxelMorph):
 
     def reference(self, batch: RegistrationBatch, field: Tensor) -> Tensor:
         """``batch.target`` on the grid of the predicted ``field``, in its voxels."""
-        t, f = batch.target, batch.fixed
-        want = (f.shape[0], self.ndim, *f.shape[2:])
-        if t is None or tuple(t.shape) != want:
-            got = "none" if t is None else tuple(t.shape)
-            raise ValueError(
-                f"svf-net: supervised by reference velocities; the batch needs target {want} "
-                f"(e.g. data.synthetic: {{kind: svf-references}}), got {got}"
-            )
+        t = dense_target(
+            batch,
+            self.ndim,
+            "svf-net",
+            "reference velocities",
+            "data.synthetic: {kind: svf-references}",
+        )
         t = t.to(field.dtype)
         return t if t.shape[2:] == field.shape[2:] else resize_displacement(t, field.shape[2:])
 
