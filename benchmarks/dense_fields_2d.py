@@ -229,7 +229,7 @@ def run_baselines(seed: int) -> list[dict]:
 def run_networks(script: str, methods, args: list[str], results: list[dict]) -> None:
     """Each of ``methods`` trained and scored by ``script --run <name> *args`` in a fresh
     process (its JSON result appended to ``results``); VoxelMorph gets the mean wall time of
-    the supervised runs before it (``--seconds``)."""
+    the supervised (or ``time_reference``) runs before it (``--seconds``)."""
     budget = None
     for name in methods:
         cmd = [sys.executable, script, "--run", name, *args]
@@ -237,17 +237,20 @@ def run_networks(script: str, methods, args: list[str], results: list[dict]) -> 
             cmd += ["--seconds", str(budget)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
-        done = [r["train_seconds"] for r in results if r.get("supervised")]
+        done = [
+            r["train_seconds"] for r in results if r.get("supervised") or r.get("time_reference")
+        ]
         budget = float(np.mean(done)) if done else None
         last = results[-1]
         print(f"{name}: {last['steps']} steps, {last['train_seconds']:.0f} s", flush=True)
 
 
-def summary(results: list[dict], epe: str) -> dict:
-    """Per method: estimate and 95 % bootstrap CI of the EPE, Dice and folding, s / pair."""
+def summary(results: list[dict], epe: str | None) -> dict:
+    """Per method: estimate and 95 % bootstrap CI of the EPE (unless ``epe`` is None), Dice
+    and folding, s / pair."""
     return {
         r["name"]: {
-            epe: ci(r["epe"]),
+            **({epe: ci(r["epe"])} if epe else {}),
             "dice": ci([q["dice"] for q in r["pairs"]]),
             "folding_percent": ci([q["folding_percent"] for q in r["pairs"]]),
             "seconds_per_pair": round(float(np.mean([q["seconds"] for q in r["pairs"]])), 4),
@@ -263,10 +266,12 @@ def ci(values) -> list[float]:
     return [round(v, 4) for v in bootstrap_ci(values)]
 
 
-def print_table(table: dict, epe: str) -> None:
-    """The summary as a Markdown table (estimate [95 % CI] over pairs)."""
-    print(f"| method | training | {epe} [95 % CI] | Dice [95 % CI] | % det J ≤ 0 | s / pair |")
-    print("|---|---|---|---|---|---|")
+def print_table(table: dict, epe: str | None) -> None:
+    """The summary as a Markdown table (estimate [95 % CI] over pairs; no EPE column when
+    ``epe`` is None)."""
+    head = f" {epe} [95 % CI] |" if epe else ""
+    print(f"| method | training |{head} Dice [95 % CI] | % det J ≤ 0 | s / pair |")
+    print("|---|---|" + "---|" * (4 if epe else 3))
     for name, row in table.items():
         t = row["train"]
         how = (
@@ -278,11 +283,12 @@ def print_table(table: dict, epe: str) -> None:
                 f"{t['train_seconds']:.0f} s"
             )
         )
-        e = next(v for k, v in row.items() if k.startswith("epe"))
+        e = next((v for k, v in row.items() if k.startswith("epe")), None) if epe else None
+        err = f" {e[0]:.2f} [{e[1]:.2f}, {e[2]:.2f}] |" if e else ""
         d, f = row["dice"], row["folding_percent"]
         print(
-            f"| {name} | {how} | {e[0]:.2f} [{e[1]:.2f}, {e[2]:.2f}] | {d[0]:.3f} "
-            f"[{d[1]:.3f}, {d[2]:.3f}] | {f[0]:.2f} | {row['seconds_per_pair']:.3f} |"
+            f"| {name} | {how} |{err} {d[0]:.3f} [{d[1]:.3f}, {d[2]:.3f}] | {f[0]:.2f} | "
+            f"{row['seconds_per_pair']:.3f} |"
         )
 
 

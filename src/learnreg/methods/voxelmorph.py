@@ -278,6 +278,15 @@ class VoxelMorph(RegistrationMethod):
         assert self.similarity_terms is not None
         return self.similarity_terms(target, warped)
 
+    def similarity_loss(self, batch: RegistrationBatch, output: MethodOutput) -> dict[str, Tensor]:
+        """The image term of :meth:`loss` (:meth:`image_loss` form): the fixed image against
+        the warped moving one, averaged with the reverse direction when bidirectional."""
+        sim = self.image_loss(batch.fixed, output.warped)
+        if self.bidirectional:
+            back = self.image_loss(batch.moving, output.extras["warped_fixed"])
+            sim = {k: 0.5 * (sim[k] + back[k]) for k in sim}
+        return sim
+
     def regularization(self, output: MethodOutput) -> dict[str, tuple[float, Tensor]]:
         """Named ``(weight, value)`` regularization terms of the network's field (velocity or
         coarse displacement, voxel units of its grid)."""
@@ -351,10 +360,7 @@ class VoxelMorph(RegistrationMethod):
         parts: dict[str, Tensor] = {}  # values of the terms inside a group (logged only)
         w = self.image_weight()
         if w and self.similarity_terms is not None:
-            sim = self.image_loss(batch.fixed, output.warped)
-            if self.bidirectional:
-                back = self.image_loss(batch.moving, output.extras["warped_fixed"])
-                sim = {k: 0.5 * (sim[k] + back[k]) for k in sim}
+            sim = self.similarity_loss(batch, output)
             terms["similarity"] = (w, sim["total"])
             if len(self.similarity_terms) > 1:
                 parts.update({f"similarity_{k}": v for k, v in sim.items() if k != "total"})
