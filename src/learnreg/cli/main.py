@@ -146,7 +146,7 @@ def register(
     ],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")],
     preset: Annotated[
-        str, typer.Option(help="Classical preset: default, multimodal, affine, rigid.")
+        str, typer.Option(help="Classical preset: default, multimodal, lddmm, affine, rigid.")
     ] = "default",
     config: Annotated[
         Path | None, typer.Option(help="YAML file of a ClassicalConfig (overrides --preset).")

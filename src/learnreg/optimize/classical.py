@@ -42,6 +42,7 @@ from learnreg.spatial.displacement import DisplacementField
 from learnreg.spatial.factory import create_transform
 from learnreg.spatial.fields import resize_displacement
 from learnreg.spatial.filters import gaussian_blur
+from learnreg.spatial.lddmm import GeodesicShooting
 from learnreg.spatial.result import RegistrationResult
 from learnreg.spatial.sampling import regular_coords
 from learnreg.spatial.svf import StationaryVelocityField, integrate_velocity
@@ -201,17 +202,38 @@ def _svf_stage(
     progress: Progress | None,
     initial: DisplacementField | None = None,
     masks: MetricMasks | None = None,
-) -> tuple[DisplacementField, DisplacementField, StationaryVelocityField | None]:
+) -> tuple[DisplacementField, DisplacementField, StationaryVelocityField | GeodesicShooting | None]:
     """The velocity optimized coarse to fine: ``(exp(v), exp(−v), v)`` on the velocity's grid
     (for ``model="displacement"``: the displacement there, its iterative inverse on the fixed
-    grid, and no velocity)."""
+    grid, and no velocity; for ``model="lddmm"``: ``φ⁻¹``, ``φ`` and the geodesic, holding
+    its initial momentum)."""
     masks = masks or MetricMasks(fixed.image, moving.image)
     sim = similarity_terms(stage, config)
     reg = regularization_terms(stage)
     diffeomorphic = stage.model == "svf"
+    lddmm = stage.model == "lddmm"
+    if lddmm and initial is not None:
+        raise ValueError("deformable model lddmm starts from zero momentum (no initial field)")
+
+    def shot(m: torch.Tensor, grid: Grid) -> GeodesicShooting:
+        """The geodesic of momentum ``m`` on ``grid`` (the kernel's α in mm², isotropic)."""
+        k = {**stage.kernel}
+        k["alpha"] = float(k.get("alpha", 2.0)) / float(min(grid.spacing)) ** 2
+        return GeodesicShooting(grid, m, **k, steps=stage.steps)
 
     def exp(v: torch.Tensor) -> torch.Tensor:
         return integrate_velocity(v, stage.steps) if diffeomorphic else v
+
+    def field_and_penalty(
+        p: torch.Tensor, grid: Grid, base: torch.Tensor | float
+    ) -> tuple[torch.Tensor, Callable[[], torch.Tensor]]:
+        """The displacement (fixed → moving) of parameters ``p`` on ``grid`` (plus ``base``, the
+        initial field there) and its regularization (evaluated when called)."""
+        if lddmm:
+            s = shot(p, grid)
+            return s.backward_displacement(), lambda: stage.energy_weight * s.energy().sum()
+        v = base + gaussian_blur(p, stage.velocity_sigma)
+        return exp(v), lambda: reg(v)["total"]
 
     def base_on(grid: Grid) -> torch.Tensor | float:
         """The initial field in voxels of ``grid`` (what the residual is added to)."""
@@ -238,18 +260,22 @@ def _svf_stage(
         target = fl.batch()
         for it in range(iters):
             opt.zero_grad()
-            v = base + gaussian_blur(param, stage.velocity_sigma)
-            u = resize_displacement(exp(v), fl.grid.shape)
+            u, penalty = field_and_penalty(param, vgrid, base)
+            u = resize_displacement(u, fl.grid.shape)
             mapped = pts + u.movedim(1, -1) @ to_world.T
             warped, weight = masks.sample(fl, ml, ml.grid.world_to_grid_sample(mapped))
-            loss = sim(target, warped, **masks.overrides(weight))["total"] + reg(v)["total"]
+            loss = sim(target, warped, **masks.overrides(weight))["total"] + penalty()
             loss.backward()
             opt.step()
             if progress:
-                progress(f"SVF 1/{shrink:g}", it + 1, iters, loss.item())
+                progress(f"{'LDDMM' if lddmm else 'SVF'} 1/{shrink:g}", it + 1, iters, loss.item())
         velocity = param.detach()
     assert velocity is not None
     with torch.no_grad():
+        if lddmm:  # φ⁻¹ and φ from the same geodesic, the momentum kept
+            geodesic = shot(velocity, vgrid)
+            backward, forward = geodesic.maps()
+            return DisplacementField(vgrid, backward), DisplacementField(vgrid, forward), geodesic
         v = base + gaussian_blur(velocity, stage.velocity_sigma)
         fwd = DisplacementField(vgrid, exp(v))
         if diffeomorphic:  # exact inverse of exp(v) is exp(-v)

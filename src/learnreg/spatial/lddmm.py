@@ -39,6 +39,8 @@ __all__ = [
     "epdiff",
     "shoot",
     "flow_maps",
+    "backward_map",
+    "forward_map",
     "TimeVaryingVelocityField",
     "GeodesicShooting",
 ]
@@ -162,10 +164,21 @@ def flow_maps(velocities: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.T
     """Displacements of ``(φ_1⁻¹, φ_1)`` of the time-varying velocity ``velocities`` (equal
     time steps over ``[0, 1]``): ``φ_1`` flows points forward from ``t = 0``; ``φ_1⁻¹`` is the
     backward flow, from ``t = 1`` to 0 along ``−v``."""
-    if not velocities:
+    return backward_map(velocities), forward_map(velocities)
+
+
+def backward_map(velocities: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Displacement of ``φ_1⁻¹`` (:func:`flow_maps`)."""
+    if not len(velocities):
         raise ValueError("flow_maps: no velocities")
-    velocities = list(velocities)
-    return _lagrangian(velocities[::-1], -1.0), _lagrangian(velocities, 1.0)
+    return _lagrangian(list(velocities)[::-1], -1.0)
+
+
+def forward_map(velocities: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Displacement of ``φ_1`` (:func:`flow_maps`)."""
+    if not len(velocities):
+        raise ValueError("flow_maps: no velocities")
+    return _lagrangian(list(velocities), 1.0)
 
 
 class TimeVaryingVelocityField(SpatialTransform):
@@ -184,23 +197,35 @@ class TimeVaryingVelocityField(SpatialTransform):
             )
         self.grid, self.ndim = grid, grid.ndim
         self._register_tensor("velocities", velocities, False)
-        self._maps: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._backward: torch.Tensor | None = None
+        self._forward: torch.Tensor | None = None
+
+    def backward_displacement(self) -> torch.Tensor:
+        """Displacement of ``φ_1⁻¹`` (this transform) on :attr:`grid`, computed once."""
+        if self._backward is None:
+            self._backward = backward_map(self.velocities)
+        return self._backward
+
+    def forward_displacement(self) -> torch.Tensor:
+        """Displacement of ``φ_1`` (the inverse) on :attr:`grid`, computed once."""
+        if self._forward is None:
+            self._forward = forward_map(self.velocities)
+        return self._forward
 
     def maps(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Displacements of ``(φ_1⁻¹, φ_1)`` on :attr:`grid` (computed once)."""
-        if self._maps is None:
-            self._maps = flow_maps(list(self.velocities))
-        return self._maps
+        """Displacements of ``(φ_1⁻¹, φ_1)`` on :attr:`grid`."""
+        return self.backward_displacement(), self.forward_displacement()
 
     def voxel_displacement(self, grid: Grid, batch: int | None = None) -> torch.Tensor:
-        return on_grid(self.grid, self.maps()[0], grid, batch, super().voxel_displacement)
+        field = self.backward_displacement()
+        return on_grid(self.grid, field, grid, batch, super().voxel_displacement)
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
-        return DisplacementField(self.grid, self.maps()[0])(points)
+        return DisplacementField(self.grid, self.backward_displacement())(points)
 
     def inverse(self) -> DisplacementField:
         """``φ_1``: the forward flow of the same velocities."""
-        return DisplacementField(self.grid, self.maps()[1])
+        return DisplacementField(self.grid, self.forward_displacement())
 
 
 class GeodesicShooting(TimeVaryingVelocityField):

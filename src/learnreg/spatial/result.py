@@ -12,6 +12,7 @@ from learnreg.spatial.affine import AffineTransform
 from learnreg.spatial.base import SpatialTransform, TransformChain
 from learnreg.spatial.differential import jacobian_determinant
 from learnreg.spatial.displacement import DisplacementField
+from learnreg.spatial.lddmm import GeodesicShooting
 from learnreg.spatial.linear import compose_affine
 from learnreg.spatial.sampling import Interpolation, resample
 from learnreg.spatial.svf import StationaryVelocityField
@@ -61,9 +62,11 @@ class RegistrationResult:
             were computed on — a velocity's integration grid, a network's grid — when there
             is one; the fixed-grid fields are their linear interpolation (zero outside, as ITK
             interpolates a displacement field), so files of these are exact and small.
-        velocity: the stationary velocity whose exponential is the deformable part, on its
-            grid, when the registration optimized one (classical SVF stage); kept in memory
-            only (e.g. as the reference velocity of a supervised SVF network), not saved.
+        velocity: the velocity parametrization of the deformable part on its grid, when the
+            registration optimized one: the stationary velocity whose exponential it is
+            (classical SVF stage) or the geodesic shot from its initial momentum (LDDMM stage,
+            :class:`~learnreg.spatial.lddmm.GeodesicShooting`); kept in memory only (e.g. as
+            the reference of a supervised network), not saved.
     """
 
     fixed_grid: Grid
@@ -74,7 +77,7 @@ class RegistrationResult:
     info: dict = field(default_factory=dict)
     native_deformable: DisplacementField | None = None
     native_inverse: DisplacementField | None = None
-    velocity: StationaryVelocityField | None = None
+    velocity: StationaryVelocityField | GeodesicShooting | None = None
 
     def __post_init__(self) -> None:
         if self.fixed_grid.ndim != self.moving_grid.ndim:
@@ -96,7 +99,7 @@ class RegistrationResult:
         native: DisplacementField,
         native_inverse: DisplacementField | None,
         info: dict | None = None,
-        velocity: StationaryVelocityField | None = None,
+        velocity: StationaryVelocityField | GeodesicShooting | None = None,
     ) -> RegistrationResult:
         """The result whose deformable part is ``native`` (and its inverse), fields on any
         grid, expressed on the fixed grid by linear interpolation (zero outside); a field
