@@ -55,7 +55,7 @@ def test_velocities_at_three_scales_and_the_loss(ndim) -> None:
     assert isinstance(out.transform, StationaryVelocityField)
     terms = {k: v.detach() for k, v in m.loss(RegistrationBatch(fixed, moving), out).items()}
     lcc = sum(v for k, v in terms.items() if k.startswith("lcc_"))
-    kl = gaussian_kl(out.extras["mean"], out.extras["log_variance"]).mean()
+    kl = gaussian_kl(out.extras["mean"], out.extras["log_variance"]).mean().detach()
     assert float(terms["total"]) == pytest.approx(float(5000.0 * lcc + kl), rel=1e-5)
     want = LF.lncc(fixed, out.warped.detach(), window=9)
     assert float(terms["lcc_1/1"]) == pytest.approx(float(want))
