@@ -17,16 +17,16 @@ from learnreg.spatial.lddmm import GeodesicShooting
 from learnreg.spatial.sampling import resample
 
 
-def _small(lpba, subject: str) -> tuple[Image, Image]:
-    img = downsample(read_image(lpba / f"images/{subject}.nii.gz"), 3.0)
+def _small(lpba, subject: str, factor: float) -> tuple[Image, Image]:
+    img = downsample(read_image(lpba / f"images/{subject}.nii.gz"), factor)
     return img, resample(read_labels(lpba / f"labels/{subject}.nii.gz"), img.grid, mode="label")
 
 
 def test_lddmm_preset_improves_dice_on_a_validation_pair(lpba):
     """S01 ← S35 (validation subject, never used to choose the preset) at 3 mm: Dice above
-    the affine, no folds, and φ⁻¹ ∘ φ ≈ id from the same geodesic."""
-    fixed, fixed_lab = _small(lpba, "S01")
-    moving, moving_lab = _small(lpba, "S35")
+    the affine, no folds."""
+    fixed, fixed_lab = _small(lpba, "S01", 3.0)
+    moving, moving_lab = _small(lpba, "S35", 3.0)
     cfg = preset("lddmm")
     d = cfg.deformable  # 3 mm images: the preset's levels rescaled, half the iterations
     d.shrink, d.velocity_shrink, d.iterations = (2, 1), (8, 4), (30, 15)
@@ -39,12 +39,24 @@ def test_lddmm_preset_improves_dice_on_a_validation_pair(lpba):
     assert jacobian_stats(result.deformable.voxel_field())["folding_fraction"] == 0.0
     geodesic = result.velocity
     assert isinstance(geodesic, GeodesicShooting) and float(geodesic.momentum.abs().max()) > 0
+    assert result.info["config"]["deformable"]["model"] == "lddmm"
+
+
+def test_forward_and_backward_maps_compose_to_the_identity_at_4mm(lpba):
+    """The preset on S01 ← S35 at 4 mm: φ⁻¹ ∘ φ on the momentum grid, and the written fields
+    on the 4 mm fixed grid, in its voxels (measured: native mean 0.009, max 0.16; fixed grid
+    mean 0.015, max 0.35 — the written fields are
+    linear interpolations of maps on a 4× coarser grid)."""
+    fixed, _ = _small(lpba, "S01", 4.0)
+    moving, _ = _small(lpba, "S35", 4.0)
+    result = register(fixed, moving, "lddmm")
     back, fwd = result.native_deformable.voxel_field(), result.native_inverse.voxel_field()
     assert float(back.norm(dim=1).max()) > 0.5
-    # measured mean 0.037 voxel of the 16×19×16 momentum grid (the kernel's 5 mm is under a
-    # voxel there: the flows see velocities that vary at the grid's scale)
-    assert float(compose_displacements(back, fwd).norm(dim=1).mean()) < 0.06
-    assert result.info["config"]["deformable"]["model"] == "lddmm"
+    native = compose_displacements(back, fwd).norm(dim=1)
+    assert float(native.mean()) < 0.02 and float(native.max()) < 0.25  # native voxels
+    a, b = result.deformable.voxel_field(), result.inverse_deformable.voxel_field()
+    on_fixed = compose_displacements(a, b).norm(dim=1)
+    assert float(on_fixed.mean()) < 0.1, float(on_fixed.mean())
 
 
 def test_lddmm_registers_a_2d_pair(data_root):
@@ -73,7 +85,7 @@ def test_lddmm_config_is_checked():
         ClassicalConfig.from_dict(d)
     d = preset("lddmm").to_dict()
     assert ClassicalConfig.from_dict(d).deformable.kernel == {
-        "alpha": 25.0,
+        "alpha": 100.0,
         "gamma": 1.0,
         "power": 2,
     }

@@ -144,3 +144,12 @@ def test_bad_momentum_is_refused() -> None:
         GeodesicShooting(Grid((8, 8)), torch.zeros(1, 3, 8, 8))
     with pytest.raises(ValueError, match="steps"):
         shoot(torch.zeros(1, 2, 8, 8), DifferentialKernel((8, 8)), steps=0)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_zero_momentum_is_the_identity(ndim) -> None:
+    grid = Grid((8, 10, 6)[:ndim])
+    t = GeodesicShooting(grid, torch.zeros(1, ndim, *grid.shape), steps=3)
+    assert float(t.voxel_displacement(grid).abs().max()) == 0.0
+    assert float(t.inverse().voxel_field().abs().max()) == 0.0
+    assert float(t.energy()) == 0.0

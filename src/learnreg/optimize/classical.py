@@ -218,7 +218,7 @@ def _svf_stage(
     def shot(m: torch.Tensor, grid: Grid) -> GeodesicShooting:
         """The geodesic of momentum ``m`` on ``grid`` (the kernel's α in mm², isotropic)."""
         k = {**stage.kernel}
-        k["alpha"] = float(k.get("alpha", 2.0)) / float(min(grid.spacing)) ** 2
+        k["alpha"] = float(k.get("alpha", 100.0)) / float(min(grid.spacing)) ** 2
         return GeodesicShooting(grid, m, **k, steps=stage.steps)
 
     def exp(v: torch.Tensor) -> torch.Tensor:
