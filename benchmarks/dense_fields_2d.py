@@ -92,8 +92,9 @@ def synthetic(seed: int):
     return warp_source(options, Preprocessor(NetworkGrid(SHAPE), percentiles=None))
 
 
-def slice_pairs() -> list[dict]:
-    """S01 ← S35..S40 axial slices on a 64×64 grid: images and nearest-neighbour labels."""
+def slice_pairs(subjects=SUBJECTS) -> list[dict]:
+    """S01 ← ``subjects`` (default S35..S40) axial slices on a 64×64 grid: images and
+    nearest-neighbour labels."""
     lpba = DATA / "lpba40"
 
     def load(name: str, k: int) -> tuple[Image, Image]:
@@ -110,7 +111,7 @@ def slice_pairs() -> list[dict]:
     pairs = []
     for k in SLICES:
         fixed, fixed_lab = load("S01", k)
-        for s in SUBJECTS:
+        for s in subjects:
             moving, moving_lab = load(s, k)
             pairs.append(
                 {
