@@ -190,6 +190,7 @@ def _val_epe(method, b) -> tuple[float, float]:
 SUPERVISED_BOUND = {"flownet-s": 0.85}
 
 
+@pytest.mark.slow  # 500 training steps, ~50 s; the fast run keeps the shape and loss tests
 @pytest.mark.parametrize("name", sorted(SUPERVISED_BOUND))
 def test_supervised_flownet_beats_the_identity_on_unseen_images(name, pairs, val_batch) -> None:
     train, _ = pairs

@@ -35,7 +35,7 @@ from learnreg.core.options import check_option
 from learnreg.losses import functional as LF
 from learnreg.methods.base import MethodOutput, RegistrationBatch, RegistrationMethod, unit_grid
 from learnreg.methods.registry import register_method
-from learnreg.nn.blocks import ConvBlock, FlowHead
+from learnreg.nn.blocks import ConvBlock, CoordConv, FlowHead
 from learnreg.spatial.filters import gaussian_blur
 from learnreg.spatial.sampling import warp
 from learnreg.spatial.svf import StationaryVelocityField
@@ -79,6 +79,7 @@ class KrebsCVAE(RegistrationMethod):
         integration_steps: scaling-and-squaring steps.
         window: LCC window (odd) at every scale.
         image_weight: weight of the LCC terms against the KL (the likelihood's precision).
+        coord_conv: the encoder's first convolution as a CoordConv.
     """
 
     def __init__(
@@ -92,6 +93,7 @@ class KrebsCVAE(RegistrationMethod):
         integration_steps: int = 7,
         window: int = 9,
         image_weight: float = 5000.0,
+        coord_conv: bool = False,
     ) -> None:
         super().__init__()
         check_option("ndim", ndim, (2, 3))
@@ -110,8 +112,9 @@ class KrebsCVAE(RegistrationMethod):
         self.velocity_sigma, self.integration_steps = float(velocity_sigma), int(integration_steps)
         self.window, self.image_weight = int(window), float(image_weight)
         enc, cin = [], 2
-        for f in enc_features:
-            enc.append(ConvBlock(ndim, cin, int(f), stride=2))
+        for i, f in enumerate(enc_features):
+            block = CoordConv if coord_conv and i == 0 else ConvBlock
+            enc.append(block(ndim, cin, int(f), stride=2))
             cin = int(f)
         self.encoder = nn.Sequential(*enc)
         coarse16 = tuple(s // 16 if s >= 16 else 1 for s in shape)
