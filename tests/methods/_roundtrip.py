@@ -142,3 +142,29 @@ def _sitk_ras_matrix(tx: sitk.Transform, d: int) -> np.ndarray:
     m[:d, d] = mapped[0]
     m[:d, :d] = ((mapped[1:] - mapped[0]) / 50.0).T
     return m
+
+
+def lpba_pairs_config(method: str, method_config: dict, shape: list[int]) -> dict:
+    """A 4-step `learnreg train` config of an unsupervised method on LPBA40 pairs at 8 mm (the
+    dense-warp source's pairs of S11/S12, validated on S35; the known field goes unused)."""
+    return {
+        "method": method,
+        "method_config": method_config,
+        "data": {
+            "shape": shape,
+            "synthetic": {
+                "kind": "warp",
+                "images": "lpba40",
+                "transform": "dense",
+                "subjects": ["S11", "S12"],
+                "val_subjects": ["S35"],
+                "field_spacings": [8, 4],
+                "length": 8,
+                "val_length": 2,
+            },
+        },
+        "optimizer": {"lr": 1e-3},
+        "steps": 4,
+        "batch_size": 2,
+        "val_every": 2,
+    }

@@ -94,29 +94,11 @@ def test_train_then_register_oblique_pair_replays_in_simpleitk(data_root, tmp_pa
     SimpleITK replays the written field."""
     from learnreg.io.images import read_image
 
-    from ._roundtrip import oblique, register_and_replay, train
+    from ._roundtrip import lpba_pairs_config, oblique, register_and_replay, train
 
-    config = {
-        "method": "icnet",
-        "method_config": {"ndim": 3, "enc_features": [4, 8], "dec_features": [8, 8, 4]},
-        "data": {
-            "shape": [20, 24, 20],
-            "synthetic": {
-                "kind": "warp",
-                "images": "lpba40",
-                "transform": "dense",
-                "subjects": ["S11", "S12"],
-                "val_subjects": ["S35"],
-                "field_spacings": [8, 4],
-                "length": 8,
-                "val_length": 2,
-            },
-        },
-        "optimizer": {"lr": 1e-3},
-        "steps": 4,
-        "batch_size": 2,
-        "val_every": 2,
-    }
+    config = lpba_pairs_config(
+        "icnet", {"ndim": 3, "enc_features": [4, 8], "dec_features": [8, 8, 4]}, [20, 24, 20]
+    )
     ckpt = train(config, tmp_path / "train")
     lpba = data_root / "lpba40" / "images"
     fixed = oblique(read_image(lpba / "S35.nii.gz"), (6.0, 7.0, 5.0), 15.0, "f")

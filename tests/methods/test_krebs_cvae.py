@@ -100,30 +100,12 @@ def test_train_then_register_oblique_pair_replays_in_simpleitk(data_root, tmp_pa
     field is ignored), `learnreg register --model` an oblique pair; SimpleITK replays it."""
     from learnreg.io.images import read_image
 
-    from ._roundtrip import oblique, register_and_replay
+    from ._roundtrip import lpba_pairs_config, oblique, register_and_replay
     from ._roundtrip import train as cli_train
 
-    config = {
-        "method": "krebs-cvae",
-        "method_config": {"ndim": 3, "shape": [16, 24, 16], **TINY},
-        "data": {
-            "shape": [16, 24, 16],
-            "synthetic": {
-                "kind": "warp",
-                "images": "lpba40",
-                "transform": "dense",
-                "subjects": ["S11", "S12"],
-                "val_subjects": ["S35"],
-                "field_spacings": [8, 4],
-                "length": 8,
-                "val_length": 2,
-            },
-        },
-        "optimizer": {"lr": 1e-3},
-        "steps": 4,
-        "batch_size": 2,
-        "val_every": 2,
-    }
+    config = lpba_pairs_config(
+        "krebs-cvae", {"ndim": 3, "shape": [16, 24, 16], **TINY}, [16, 24, 16]
+    )
     ckpt = cli_train(config, tmp_path / "train")
     lpba = data_root / "lpba40" / "images"
     fixed = oblique(read_image(lpba / "S35.nii.gz"), (6.0, 7.0, 5.0), 15.0, "f")

@@ -40,8 +40,12 @@ from learnreg.core.errors import InputError
 from learnreg.core.grid import Grid
 from learnreg.core.image import Image
 from learnreg.core.options import check_option
-from learnreg.data.preprocess import NetworkGrid, Preprocessor
-from learnreg.data.random_warps import LPBA_HELDOUT, LPBA_TRAIN, _lpba_folder
+from learnreg.data.preprocess import Preprocessor
+from learnreg.data.random_warps import (
+    lpba_atlas_source,
+    prediction_preprocessor,
+    read_lpba_labelled,
+)
 from learnreg.data.sources import register_source
 from learnreg.data.synthetic import source_options
 from learnreg.spatial.sampling import resample
@@ -189,40 +193,17 @@ def modality_pair_source(
     items; default the number of subjects), ``seed`` (of the bias fields). The network grid is
     ``data.shape`` / ``data.spacing`` over the atlas's field of view.
     """
-    from learnreg.io.images import read_image, read_labels
-
     o = source_options("modality-pairs", options, _DEFAULTS)
-    net = preprocessor.network
-    if net.shape is None:
-        raise InputError("config data.synthetic (modality-pairs): set data.shape (the grid)")
-    root = _lpba_folder(o["folder"])
-    atlas = str(o["atlas"])
-    subjects = list(o["subjects"] if o["subjects"] is not None else LPBA_TRAIN)
-    held = list(o["val_subjects"] if o["val_subjects"] is not None else LPBA_HELDOUT)
-    pre = Preprocessor(
-        NetworkGrid(tuple(net.shape), net.spacing, net.orientation, 0),
-        preprocessor.percentiles,
-        preprocessor.antialias,
-    )
+    root, atlas, subjects, held, pre = lpba_atlas_source("modality-pairs", o, preprocessor)
     try:
-        raw, labels = {}, {}
-        for n in dict.fromkeys([atlas, *subjects, *held]):
-            path, lab = root / "images" / f"{n}.nii.gz", root / "labels" / f"{n}.nii.gz"
-            if not path.is_file() or not lab.is_file():
-                raise InputError(f"{path}: LPBA40 image or label map not found")
-            raw[n], labels[n] = read_image(path), read_labels(lab)
+        raw, labels = read_lpba_labelled(root, [atlas, *subjects, *held])
         grid = pre.grid_for(raw[atlas])
         twins = {n: second_modality(im, int(o["seed"])) for n, im in raw.items()}
         images = {
             "t1": {n: pre.image(im, grid) for n, im in raw.items()},
             "t2-like": {n: pre.image(im, grid) for n, im in twins.items()},
         }
-        # prediction: the training resolution over the fixed image's field of view
-        pre = Preprocessor(
-            NetworkGrid(tuple(net.shape), grid.spacing, net.orientation, 0),
-            preprocessor.percentiles,
-            preprocessor.antialias,
-        )
+        pre = prediction_preprocessor(pre, grid)
         moving = str(o["moving_modality"])
         length = None if o["length"] is None else int(o["length"])
         train = ModalityPairs(images, labels, atlas, subjects, moving, grid, pre, length)

@@ -239,6 +239,50 @@ def lpba_volumes(
     return out
 
 
+def lpba_atlas_source(
+    kind: str, o: dict, preprocessor: Preprocessor
+) -> tuple[Path, str, list[str], list[str], Preprocessor]:
+    """What an LPBA40 atlas → subject source ``kind`` reads from its resolved options ``o``
+    (``folder``, ``atlas``, ``subjects``, ``val_subjects``): ``(root, atlas, subjects,
+    validation subjects, the preprocessor of the training grid)`` — ``data.shape`` /
+    ``data.spacing`` over the atlas's field of view, which must be set."""
+    net = preprocessor.network
+    if net.shape is None:
+        raise InputError(f"config data.synthetic ({kind}): set data.shape (the grid)")
+    subjects = list(o["subjects"] if o["subjects"] is not None else LPBA_TRAIN)
+    held = list(o["val_subjects"] if o["val_subjects"] is not None else LPBA_HELDOUT)
+    pre = Preprocessor(
+        NetworkGrid(tuple(net.shape), net.spacing, net.orientation, 0),
+        preprocessor.percentiles,
+        preprocessor.antialias,
+    )
+    return _lpba_folder(o["folder"]), str(o["atlas"]), subjects, held, pre
+
+
+def read_lpba_labelled(root: Path, names: Sequence[str]) -> tuple[dict, dict]:
+    """``(images, label maps)`` ``name → Image`` of LPBA40 subjects as stored (1 mm)."""
+    from learnreg.io.images import read_image, read_labels
+
+    images, labels = {}, {}
+    for n in dict.fromkeys(names):
+        path, lab = root / "images" / f"{n}.nii.gz", root / "labels" / f"{n}.nii.gz"
+        if not path.is_file() or not lab.is_file():
+            raise InputError(f"{path}: LPBA40 image or label map not found")
+        images[n], labels[n] = read_image(path), read_labels(lab)
+    return images, labels
+
+
+def prediction_preprocessor(training: Preprocessor, grid: Grid) -> Preprocessor:
+    """How prediction puts a new image on a network grid like ``grid``: its shape and spacing
+    over the new fixed image's field of view."""
+    net = training.network
+    return Preprocessor(
+        NetworkGrid(tuple(net.shape), grid.spacing, net.orientation, 0),
+        training.percentiles,
+        training.antialias,
+    )
+
+
 class RandomWarpPairs(Dataset):
     """Pairs ``(fixed = I ∘ T, moving = I)`` of real images and random affine or TPS ``T``.
 

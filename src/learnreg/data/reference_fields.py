@@ -32,8 +32,12 @@ from learnreg.core.errors import InputError
 from learnreg.core.files import atomic_write
 from learnreg.core.grid import Grid
 from learnreg.core.image import Image
-from learnreg.data.preprocess import NetworkGrid, Preprocessor
-from learnreg.data.random_warps import LPBA_HELDOUT, LPBA_TRAIN, _lpba_folder
+from learnreg.data.preprocess import Preprocessor
+from learnreg.data.random_warps import (
+    lpba_atlas_source,
+    prediction_preprocessor,
+    read_lpba_labelled,
+)
 from learnreg.data.sources import register_source
 from learnreg.data.synthetic import source_options
 from learnreg.metrics import mean_dice
@@ -250,16 +254,8 @@ def svf_reference_source(
     ``regularization``. The network grid is ``data.shape`` / ``data.spacing`` over the atlas's
     field of view, as :func:`~learnreg.data.random_warps.warp_source` places LPBA40.
     """
-    from learnreg.io.images import read_image, read_labels
-
     o = source_options("svf-references", options, _DEFAULTS)
-    net = preprocessor.network
-    if net.shape is None:
-        raise InputError("config data.synthetic (svf-references): set data.shape (the grid)")
-    root = _lpba_folder(o["folder"])
-    atlas = str(o["atlas"])
-    subjects = list(o["subjects"] if o["subjects"] is not None else LPBA_TRAIN)
-    held = list(o["val_subjects"] if o["val_subjects"] is not None else LPBA_HELDOUT)
+    root, atlas, subjects, held, pre = lpba_atlas_source("svf-references", o, preprocessor)
     cache = (
         o["cache"]
         or Path(os.environ.get("LEARNREG_CACHE", Path.home() / ".cache" / "learnreg"))
@@ -268,31 +264,11 @@ def svf_reference_source(
     config = label_registration_config(
         int(o["iterations"]), float(o["learning_rate"]), float(o["regularization"])
     )
-    pre = Preprocessor(
-        NetworkGrid(tuple(net.shape), net.spacing, net.orientation, 0),
-        preprocessor.percentiles,
-        preprocessor.antialias,
-    )
-
-    def load(names: Sequence[str]) -> tuple[dict, dict]:
-        imgs, labs = {}, {}
-        for n in names:
-            path, lab = root / "images" / f"{n}.nii.gz", root / "labels" / f"{n}.nii.gz"
-            if not path.is_file() or not lab.is_file():
-                raise InputError(f"{path}: LPBA40 image or label map not found")
-            imgs[n], labs[n] = read_image(path), read_labels(lab)
-        return imgs, labs
-
     try:
-        raw, labels = load([atlas, *subjects, *held])
+        raw, labels = read_lpba_labelled(root, [atlas, *subjects, *held])
         grid = pre.grid_for(raw[atlas])
         images = {n: pre.image(im, grid) for n, im in raw.items()}
-        # prediction: the training resolution over the fixed image's field of view
-        pre = Preprocessor(
-            NetworkGrid(tuple(net.shape), grid.spacing, net.orientation, 0),
-            preprocessor.percentiles,
-            preprocessor.antialias,
-        )
+        pre = prediction_preprocessor(pre, grid)
         length = None if o["length"] is None else int(o["length"])
         train = ReferenceSVFPairs(images, labels, atlas, subjects, grid, pre, cache, config, length)
         val = None
