@@ -184,29 +184,12 @@ def test_train_then_register_oblique_pair_replays_in_simpleitk(data_root, tmp_pa
     from learnreg.io.images import read_image
     from learnreg.train.checkpoint import load_checkpoint
 
-    from ._roundtrip import oblique, register_and_replay, train
+    from ._roundtrip import lpba_pairs_config, oblique, register_and_replay, train
 
-    config = {
-        "method": "regnet",
-        "method_config": {"ndim": 3, "width": 0.125, "patches_per_pair": 4},
-        "data": {
-            "shape": [20, 24, 20],
-            "synthetic": {
-                "kind": "warp",
-                "images": "lpba40",
-                **WARPS,
-                "subjects": ["S11", "S12"],
-                "val_subjects": ["S35"],
-                "field_spacings": [8, 4],
-                "length": 8,
-                "val_length": 2,
-            },
-        },
-        "optimizer": {"lr": 1e-3},
-        "steps": 4,
-        "batch_size": 2,
-        "val_every": 2,
-    }
+    config = lpba_pairs_config(
+        "regnet", {"ndim": 3, "width": 0.125, "patches_per_pair": 4}, [20, 24, 20]
+    )
+    config["data"]["synthetic"].update(WARPS)  # RegNet is supervised by these warps
     ckpt = train(config, tmp_path / "train")
     extra = load_checkpoint(ckpt)["extra"]
     assert extra["preprocess"]["network"]["shape"] == [20, 24, 20]
