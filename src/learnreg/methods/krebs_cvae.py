@@ -117,9 +117,10 @@ class KrebsCVAE(RegistrationMethod):
             enc.append(block(ndim, cin, int(f), stride=2))
             cin = int(f)
         self.encoder = nn.Sequential(*enc)
-        coarse16 = tuple(s // 16 if s >= 16 else 1 for s in shape)
-        flat = cin * int(torch.tensor(coarse16).prod())
-        self._encoded = (cin, coarse16)
+        encoded = shape
+        for _ in enc_features:  # each stride-2 convolution (padding 1) halves, rounding up
+            encoded = tuple(-(-s // 2) for s in encoded)
+        flat = cin * int(torch.tensor(encoded).prod())
         self.to_mean = nn.Linear(flat, self.latent)
         self.to_log_variance = nn.Linear(flat, self.latent)
         nn.init.zeros_(self.to_log_variance.weight)
@@ -145,12 +146,6 @@ class KrebsCVAE(RegistrationMethod):
     def encode(self, fixed: Tensor, moving: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and log-variance of ``q(z | fixed, moving)``, ``(N, latent)`` each."""
         h = self.encoder(torch.cat([moving, fixed], 1))
-        if h.shape[2:] != self._encoded[1]:  # sizes under 16 keep one cell
-            h = (
-                F.adaptive_avg_pool3d(h, self._encoded[1])
-                if self.ndim == 3
-                else (F.adaptive_avg_pool2d(h, self._encoded[1]))
-            )
         h = h.flatten(1)
         return self.to_mean(h), self.to_log_variance(h)
 
