@@ -1,6 +1,7 @@
 """Benchmark: the diffeomorphic and inverse-consistent methods of issue 16 on real 2D pairs —
-classical LDDMM (geodesic shooting), ICNet, Krebs' conditional VAE — beside the classical
-SVF default and VoxelMorph-diff, with folding and inverse-consistency errors.
+classical LDDMM (geodesic shooting), ICNet, Krebs' conditional VAE, Sheikhjafari's generative
+network optimized per pair (its inverse iterative) — beside the classical SVF default and
+VoxelMorph-diff, with folding and inverse-consistency errors.
 
 Data: LPBA40 axial slices 70/80/90 on a 64×64 grid over each slice (2.5–3 mm pixels), as
 ``dense_fields_2d.py``'s pairs. Networks train on S01 ← S11–S34 (72 pairs, no labels in any
@@ -38,6 +39,7 @@ from learnreg.core.files import atomic_write  # noqa: E402
 from learnreg.methods.base import RegistrationBatch  # noqa: E402
 from learnreg.methods.registry import create_method  # noqa: E402
 from learnreg.optimize.classical import register  # noqa: E402
+from learnreg.optimize.generative import register_generative  # noqa: E402
 from learnreg.spatial.fields import compose_displacements  # noqa: E402
 
 OUT = HERE / "results"
@@ -110,6 +112,14 @@ def run_classical() -> list[dict]:
                 {**scores(_on_fixed(r, pair), pair), "ic": ic_error(a, b), "seconds": seconds}
             )
         out.append({"name": f"classical {preset}", "pairs": rows})
+    rows = []
+    for pair in slice_pairs():
+        t0 = time.perf_counter()
+        r = register_generative(pair["fixed"], pair["moving"])
+        seconds = time.perf_counter() - t0
+        a, b = r.deformable.voxel_field(), r.inverse_deformable.voxel_field()
+        rows.append({**scores(_on_fixed(r, pair), pair), "ic": ic_error(a, b), "seconds": seconds})
+    out.append({"name": "generative (Sheikhjafari), per pair", "pairs": rows})
     return out
 
 
