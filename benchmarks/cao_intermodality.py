@@ -34,10 +34,16 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from dense_fields_2d import print_table, run_networks, scores, summary, train_loop  # noqa: E402
+from dense_fields_2d import (  # noqa: E402
+    print_table,
+    run_networks,
+    scores,
+    summary,
+    train_loop,
+    write_report,
+)
 from dense_fields_3d import test_pairs  # noqa: E402
 
-from learnreg.core.files import atomic_write  # noqa: E402
 from learnreg.data.datasets import collate_pairs  # noqa: E402
 from learnreg.data.modalities import modality_pair_source  # noqa: E402
 from learnreg.data.preprocess import NetworkGrid, Preprocessor  # noqa: E402
@@ -139,11 +145,7 @@ def main(argv=None) -> None:
     args = ["--steps", str(a.steps), "--lr", str(a.lr), "--seed", str(a.seed), "--train", *a.train]
     run_networks(__file__, a.methods, args, results)
     table = summary(results, None)
-    report = {"args": {k: str(v) for k, v in vars(a).items()}, "torch": torch.__version__}
-    report.update(summary=table, results=results)
-    a.output.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(a.output) as tmp:
-        tmp.write_text(json.dumps(report, indent=1))
+    write_report(a.output, a, table, results)
     print_table(table, None)
 
 

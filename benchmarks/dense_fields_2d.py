@@ -263,6 +263,21 @@ def summary(results: list[dict], epe: str | None) -> dict:
     }
 
 
+def write_report(path: Path, args, table: dict, results: list[dict], **extra) -> None:
+    """The benchmark's JSON (its arguments, torch version, summary table, every result and
+    ``extra``), written atomically."""
+    report = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "torch": torch.__version__,
+        **extra,
+        "summary": table,
+        "results": results,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(report, indent=1))
+
+
 def ci(values) -> list[float]:
     return [round(v, 4) for v in bootstrap_ci(values)]
 
@@ -312,16 +327,7 @@ def main(argv=None) -> None:
     args = ["--steps", str(a.steps), "--lr", str(a.lr), "--seed", str(a.seed)]
     run_networks(__file__, a.methods, args, results)
     table = summary(results, "epe_px")
-    report = {
-        "protocol": __doc__.split("\n\n")[1:4],
-        "args": {k: str(v) for k, v in vars(a).items()},
-        "torch": torch.__version__,
-        "summary": table,
-        "results": results,
-    }
-    a.output.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(a.output) as tmp:
-        tmp.write_text(json.dumps(report, indent=1))
+    write_report(a.output, a, table, results, protocol=__doc__.split("\n\n")[1:4])
     print_table(table, "EPE px")
 
 

@@ -46,9 +46,9 @@ from dense_fields_2d import (  # noqa: E402
     scores,
     summary,
     train_loop,
+    write_report,
 )
 
-from learnreg.core.files import atomic_write  # noqa: E402
 from learnreg.core.image import Image  # noqa: E402
 from learnreg.data.datasets import collate_pairs  # noqa: E402
 from learnreg.data.preprocess import NetworkGrid, Preprocessor  # noqa: E402
@@ -221,16 +221,7 @@ def main(argv=None) -> None:
         __file__, a.methods, [*args, "--cache", str(a.cache), "--train", *a.train], results
     )
     table = summary(results, "epe_vox")
-    report = {
-        "args": {k: str(v) for k, v in vars(a).items()},
-        "torch": torch.__version__,
-        "reference_seconds": reference_seconds,
-        "summary": table,
-        "results": results,
-    }
-    a.output.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(a.output) as tmp:
-        tmp.write_text(json.dumps(report, indent=1))
+    write_report(a.output, a, table, results, reference_seconds=reference_seconds)
     print_table(table, "EPE vox")
 
 

@@ -33,9 +33,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from dense_fields_2d import ci, scores, slice_pairs  # noqa: E402
+from dense_fields_2d import ci, scores, slice_pairs, write_report  # noqa: E402
 
-from learnreg.core.files import atomic_write  # noqa: E402
 from learnreg.methods.base import RegistrationBatch  # noqa: E402
 from learnreg.methods.registry import create_method  # noqa: E402
 from learnreg.optimize.classical import register  # noqa: E402
@@ -197,15 +196,7 @@ def main(argv=None) -> None:
         results.append(json.loads(done.strip().splitlines()[-1]))
         print(f"{name}: {results[-1]['train_seconds']:.0f} s", flush=True)
     table = summary(results)
-    report = {
-        "args": {k: str(v) for k, v in vars(a).items()},
-        "torch": torch.__version__,
-        "summary": table,
-        "results": results,
-    }
-    a.output.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(a.output) as tmp:
-        tmp.write_text(json.dumps(report, indent=1))
+    write_report(a.output, a, table, results)
     print_table(table)
 
 

@@ -153,3 +153,17 @@ def test_zero_momentum_is_the_identity(ndim) -> None:
     assert float(t.voxel_displacement(grid).abs().max()) == 0.0
     assert float(t.inverse().voxel_field().abs().max()) == 0.0
     assert float(t.energy()) == 0.0
+
+
+def test_kernel_with_spacing_is_the_physical_laplacian() -> None:
+    """Anisotropic voxels: each axis's second difference divided by its spacing²."""
+    shape, spacing = (12, 10), (2.0, 0.5)
+    k = DifferentialKernel(shape, alpha=1.5, gamma=0.7, power=1, spacing=spacing)
+    v = torch.randn(1, 2, *shape, dtype=torch.float64)
+    lap = sum(
+        (torch.roll(v, 1, 2 + a) + torch.roll(v, -1, 2 + a) - 2 * v) / h**2
+        for a, h in enumerate(spacing)
+    )
+    torch.testing.assert_close(k.operator(v), -1.5 * lap + 0.7 * v, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="spacing"):
+        DifferentialKernel(shape, spacing=(1.0,))

@@ -27,7 +27,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from learnreg.core.grid import Grid
@@ -43,6 +42,7 @@ from learnreg.methods.registry import register_method
 from learnreg.nn.correlation import LocalCorrelation
 from learnreg.nn.flownet import FlowNet
 from learnreg.spatial.displacement import DisplacementField
+from learnreg.spatial.fields import resize_linear
 
 __all__ = ["FLOWNET_LOSS_WEIGHTS", "FlowNetMethod", "FlowNetS", "FlowNetC", "endpoint_error"]
 
@@ -54,13 +54,6 @@ def endpoint_error(predicted: Tensor, target: Tensor) -> Tensor:
     """Mean end-point error per pair ``(N,)``: ``mean_x |u_pred(x) − u_true(x)|`` of fields
     ``(N, D, *S)`` (their units)."""
     return LF.field_l2(predicted, target, reduction="none")
-
-
-def _resize(field: Tensor, shape: Sequence[int]) -> Tensor:
-    """``field`` sampled linearly on the resized grid of ``shape`` (same first and last voxel
-    centres), values unchanged (not rescaled to the new voxel size)."""
-    mode = "bilinear" if field.dim() == 4 else "trilinear"
-    return F.interpolate(field, size=tuple(shape), mode=mode, align_corners=True)
 
 
 class FlowNetMethod(RegistrationMethod):
@@ -150,7 +143,7 @@ class FlowNetMethod(RegistrationMethod):
         for w, flow in zip(self.loss_weights, flows, strict=True):
             if w == 0:
                 continue
-            t = _resize(target, flow.shape[2:]) / self.div_flow
+            t = resize_linear(target, flow.shape[2:]) / self.div_flow
             total = total + w * (flow - t).norm(dim=1).flatten(1).sum(1).mean()
         return total
 

@@ -30,37 +30,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from learnreg.core.grid import Grid
 from learnreg.core.options import check_option
 from learnreg.losses import functional as LF
 from learnreg.methods.base import MethodOutput, RegistrationBatch, RegistrationMethod, unit_grid
 from learnreg.methods.registry import register_method
-from learnreg.nn.blocks import ConvBlock, FlowHead
+from learnreg.nn.blocks import FlowHead, InverseNetwork
 from learnreg.nn.unet import UNet
 from learnreg.spatial.displacement import DisplacementField
 from learnreg.spatial.sampling import warp
 
-__all__ = ["ICNet", "InverseNetwork"]
-
-
-class InverseNetwork(nn.Module):
-    """A displacement ``(N, D, *S)`` → an estimate of its inverse, same shape: convolutions of
-    ``features`` channels and a field head, plus the first-order inverse ``−u`` as a skip
-    (so it starts as the negation and learns the correction)."""
-
-    def __init__(self, ndim: int, features: Sequence[int] = (16, 16, 16)) -> None:
-        super().__init__()
-        layers, cin = [], ndim
-        for f in features:
-            layers.append(ConvBlock(ndim, cin, int(f)))
-            cin = int(f)
-        self.body = nn.Sequential(*layers)
-        self.head = FlowHead(ndim, cin)
-
-    def forward(self, displacement: Tensor) -> Tensor:
-        return -displacement + self.head(self.body(displacement))
+__all__ = ["ICNet"]
 
 
 @register_method(

@@ -5,13 +5,15 @@ All blocks work in 2D or 3D (``ndim``) on tensors ``(N, C, *S)`` in array index 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from learnreg.core.options import check_option
 
-__all__ = ["NORMS", "conv_nd", "ConvBlock", "AddCoords", "CoordConv", "FlowHead"]
+__all__ = ["NORMS", "conv_nd", "ConvBlock", "AddCoords", "CoordConv", "FlowHead", "InverseNetwork"]
 
 NORMS = (None, "batch", "instance", "group")
 # FlowHead computes its conv tap by tap along axis 0 when k · out_channels fits one oneDNN
@@ -195,3 +197,21 @@ class FlowHead(nn.Module):
             else:
                 out[:, :, -s:] += tap[:, :, : size + s]
         return out
+
+
+class InverseNetwork(nn.Module):
+    """A displacement ``(N, D, *S)`` → an estimate of its inverse, same shape: convolutions of
+    ``features`` channels and a field head, plus the first-order inverse ``−u`` as a skip
+    (so it starts as the negation and learns the correction)."""
+
+    def __init__(self, ndim: int, features: Sequence[int] = (16, 16, 16)) -> None:
+        super().__init__()
+        layers, cin = [], ndim
+        for f in features:
+            layers.append(ConvBlock(ndim, cin, int(f)))
+            cin = int(f)
+        self.body = nn.Sequential(*layers)
+        self.head = FlowHead(ndim, cin)
+
+    def forward(self, displacement: Tensor) -> Tensor:
+        return -displacement + self.head(self.body(displacement))

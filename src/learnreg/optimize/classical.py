@@ -21,6 +21,7 @@ from learnreg.core.image import Image
 from learnreg.io.validate import check_axes
 from learnreg.optimize.adam import Adam
 from learnreg.optimize.config import (
+    DEFAULT_KERNEL,
     ClassicalConfig,
     DeformableStage,
     LinearStage,
@@ -216,10 +217,9 @@ def _svf_stage(
         raise ValueError("deformable model lddmm starts from zero momentum (no initial field)")
 
     def shot(m: torch.Tensor, grid: Grid) -> GeodesicShooting:
-        """The geodesic of momentum ``m`` on ``grid`` (the kernel's α in mm², isotropic)."""
-        k = {**stage.kernel}
-        k["alpha"] = float(k.get("alpha", 100.0)) / float(min(grid.spacing)) ** 2
-        return GeodesicShooting(grid, m, **k, steps=stage.steps)
+        """The geodesic of momentum ``m`` on ``grid`` (the kernel's α in mm²)."""
+        kernel = {**DEFAULT_KERNEL, **stage.kernel}
+        return GeodesicShooting(grid, m, **kernel, steps=stage.steps, physical=True)
 
     def exp(v: torch.Tensor) -> torch.Tensor:
         return integrate_velocity(v, stage.steps) if diffeomorphic else v

@@ -28,6 +28,7 @@ __all__ = [
     "DeformableStage",
     "ClassicalConfig",
     "PRESETS",
+    "DEFAULT_KERNEL",
     "preset",
     "similarity_terms",
     "regularization_terms",
@@ -38,7 +39,8 @@ LINEAR_MODELS = ("rigid", "similarity", "affine")
 DEFORMABLE_MODELS = ("svf", "displacement", "lddmm")
 INITS = ("com", "search")
 _DEFAULT_REGULARIZATION = {"diffusion": 1.0}
-_DEFAULT_KERNEL = {"alpha": 100.0, "gamma": 1.0, "power": 2}
+DEFAULT_KERNEL = {"alpha": 100.0, "gamma": 1.0, "power": 2}
+"""The LDDMM stage's ``L = (−α∇² + γ)^c`` (α in mm²)."""
 
 
 @dataclass
@@ -89,7 +91,7 @@ class DeformableStage:
     regularization: LossSpec = field(default_factory=lambda: dict(_DEFAULT_REGULARIZATION))
     velocity_sigma: float = 1.0
     steps: int = 5
-    kernel: dict = field(default_factory=lambda: dict(_DEFAULT_KERNEL))
+    kernel: dict = field(default_factory=lambda: dict(DEFAULT_KERNEL))
     energy_weight: float = 1.0
     smoothness: InitVar[float | None] = None
 
@@ -159,11 +161,11 @@ class ClassicalConfig:
         if self.deformable is not None:
             d = self.deformable
             check_option("deformable model", d.model, DEFORMABLE_MODELS)
-            unknown = set(d.kernel) - set(_DEFAULT_KERNEL)
+            unknown = set(d.kernel) - set(DEFAULT_KERNEL)
             if unknown:
                 raise ValueError(
                     f"deformable.kernel: unknown keys {sorted(unknown)}; valid: "
-                    f"{sorted(_DEFAULT_KERNEL)}"
+                    f"{sorted(DEFAULT_KERNEL)}"
                 )
             if d.model == "lddmm" and d.regularization != _DEFAULT_REGULARIZATION:
                 raise ValueError(

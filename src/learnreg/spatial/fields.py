@@ -20,6 +20,7 @@ __all__ = [
     "compose_displacements",
     "invert_displacement",
     "resize_displacement",
+    "resize_linear",
 ]
 
 
@@ -84,6 +85,13 @@ def invert_displacement(
     return FieldInverse(w, res.detach(), n)
 
 
+def resize_linear(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """``x (N, C, *S)`` sampled linearly on ``Grid.resized(shape)`` of its grid (same first and
+    last voxel centres, ``align_corners=True``), values unchanged (no anti-aliasing)."""
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[x.dim() - 2]
+    return F.interpolate(x, size=tuple(int(s) for s in shape), mode=mode, align_corners=True)
+
+
 def resize_displacement(u: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """Resample ``u`` onto ``Grid.resized(shape)`` of its grid (same first/last voxel centres).
 
@@ -94,8 +102,7 @@ def resize_displacement(u: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     shape = tuple(int(s) for s in shape)
     if len(shape) != d:
         raise ValueError(f"resize_displacement: expected {d} sizes, got {shape}")
-    mode = "bilinear" if d == 2 else "trilinear"
-    out = F.interpolate(u, size=shape, mode=mode, align_corners=True)
+    out = resize_linear(u, shape)
     old = u.shape[2:]
     scale = [(n - 1) / (o - 1) if n > 1 and o > 1 else 1.0 for n, o in zip(shape, old, strict=True)]
     return out * torch.tensor(scale, dtype=u.dtype, device=u.device).view(1, d, *([1] * d))

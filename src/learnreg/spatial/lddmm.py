@@ -47,21 +47,31 @@ __all__ = [
 
 
 class DifferentialKernel:
-    """``L = (−α∇² + γ)^c`` on a periodic grid of ``shape`` (voxel units), by FFT.
+    """``L = (−α∇² + γ)^c`` on a periodic grid of ``shape`` with voxel ``spacing``, by FFT.
 
     :meth:`operator` applies ``L`` (momentum of a velocity), :meth:`smooth` its inverse ``K``
-    (velocity of a momentum). ``α > 0`` sets the squared length scale (voxels²), ``γ > 0``
-    the zero-frequency weight, ``c ≥ 1`` the order (smoothness) of ``K``.
+    (velocity of a momentum). ``α > 0`` sets the squared length scale (in units of
+    ``spacing``², voxels² by default; the Laplacian is that of the physical grid, so
+    anisotropic voxels smooth alike in every direction), ``γ > 0`` the zero-frequency
+    weight, ``c ≥ 1`` the order (smoothness) of ``K``.
     """
 
     def __init__(
-        self, shape: Sequence[int], alpha: float = 2.0, gamma: float = 1.0, power: int = 2
+        self,
+        shape: Sequence[int],
+        alpha: float = 2.0,
+        gamma: float = 1.0,
+        power: int = 2,
+        spacing: Sequence[float] | None = None,
     ) -> None:
         if alpha <= 0 or gamma <= 0 or int(power) != power or power < 1:
             raise ValueError(
                 f"DifferentialKernel: need alpha > 0, gamma > 0 and an integer power >= 1; got "
                 f"{alpha}, {gamma}, {power}"
             )
+        self.spacing = tuple(float(h) for h in (spacing or [1.0] * len(shape)))
+        if len(self.spacing) != len(shape) or min(self.spacing) <= 0:
+            raise ValueError(f"DifferentialKernel: spacing {spacing} does not fit shape {shape}")
         self.shape = tuple(int(s) for s in shape)
         self.alpha, self.gamma, self.power = float(alpha), float(gamma), int(power)
         self._symbols: dict[tuple, torch.Tensor] = {}
@@ -79,7 +89,7 @@ class DifferentialKernel:
                     if axis == d - 1
                     else torch.fft.fftfreq(n, dtype=f64)
                 )
-                s = 4 * torch.sin(torch.pi * k) ** 2
+                s = 4 * torch.sin(torch.pi * k) ** 2 / self.spacing[axis] ** 2
                 lap = lap + s.view(*([1] * axis), -1, *([1] * (d - axis - 1)))
             sym = (self.alpha * lap + self.gamma) ** self.power
             self._symbols[key] = sym.to(dtype=dtype, device=device)
@@ -243,6 +253,7 @@ class GeodesicShooting(TimeVaryingVelocityField):
         momentum: ``m_0``.
         alpha, gamma, power: ``L = (−α∇² + γ)^c`` (:class:`DifferentialKernel`).
         steps: time steps of the shooting and of the maps.
+        physical: the Laplacian of ``grid``'s spacing (``α`` in mm²) instead of its voxels.
 
     :meth:`energy` is the geodesic's squared length ``⟨m_0, K m_0⟩`` (mean over voxels, per
     pair), LDDMM's regularizer.
@@ -256,13 +267,15 @@ class GeodesicShooting(TimeVaryingVelocityField):
         gamma: float = 1.0,
         power: int = 2,
         steps: int = 10,
+        physical: bool = False,
     ) -> None:
         check_field(momentum, "momentum")
         if momentum.shape[1] != grid.ndim or tuple(momentum.shape[2:]) != grid.shape:
             raise ValueError(
                 f"momentum must be (N, {grid.ndim}, *{grid.shape}); got {tuple(momentum.shape)}"
             )
-        kernel = DifferentialKernel(grid.shape, alpha, gamma, power)
+        spacing = grid.spacing if physical else None
+        kernel = DifferentialKernel(grid.shape, alpha, gamma, power, spacing)
         super().__init__(grid, torch.stack(shoot(momentum, kernel, steps)))
         self.kernel, self.steps = kernel, int(steps)
         self.register_buffer("momentum", momentum)
