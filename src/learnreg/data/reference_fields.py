@@ -32,6 +32,7 @@ from learnreg.core.errors import InputError
 from learnreg.core.files import atomic_write
 from learnreg.core.grid import Grid
 from learnreg.core.image import Image
+from learnreg.data.prealign import default_cache_dir
 from learnreg.data.preprocess import Preprocessor
 from learnreg.data.random_warps import (
     lpba_atlas_source,
@@ -50,12 +51,14 @@ __all__ = [
     "one_hot_on_grid",
     "label_registration_config",
     "label_svf",
+    "ReferencePairs",
     "ReferenceSVFPairs",
     "svf_reference_source",
+    "reference_source",
 ]
 
 log = logging.getLogger(__name__)
-_FORMAT = 1
+_FORMAT = 2
 
 
 def one_hot_on_grid(labels: Image, grid: Grid, values: Sequence[int]) -> Image:
@@ -121,8 +124,13 @@ def label_svf(
     return velocity.contiguous(), info
 
 
-class ReferenceSVFPairs(Dataset):
-    """Atlas → subject pairs on one network grid, each with its reference velocity.
+class ReferencePairs(Dataset):
+    """Atlas → subject pairs on one network grid, each with a stored reference field.
+
+    Subclasses say how a subject's reference is computed (:meth:`compute`) from the pair and
+    name it (:attr:`what`). References are computed once per (atlas, subject, grid,
+    configuration), stored as ``cache/<atlas>_<subject>.pt`` (atomic writes; an unreadable,
+    untrusted or stale file is recomputed).
 
     Args:
         images, labels: ``name → Image`` of the atlas and the subjects (images already on the
@@ -131,17 +139,18 @@ class ReferenceSVFPairs(Dataset):
         atlas: the fixed subject; ``subjects``: the moving ones.
         grid: the network grid; ``preprocessor``: how prediction puts a new image on it.
         cache: folder of the stored references (computed when missing or stale).
-        config: the label registration (:func:`label_registration_config`).
+        config: the registration that computes references (default: the subclass's).
         length: items (subject ``i % len(subjects)``).
         with_references: False for validation pairs scored by their labels only (no
             reference is computed, items have no ``target``).
 
-    Items: ``fixed``, ``moving`` ``(1, *S)``, ``target`` the velocity ``(D, *S)`` in voxels of
-    ``grid``, ``fixed_labels``, ``moving_labels`` ``(1, *S)`` int64 (nearest neighbour),
-    ``index``, ``names``. :attr:`references` holds each subject's ``label_svf`` info.
+    Items: ``fixed``, ``moving`` ``(1, *S)``, ``target`` the reference ``(D, *S)`` in voxels
+    of ``grid``, ``fixed_labels``, ``moving_labels`` ``(1, *S)`` int64 (nearest neighbour),
+    ``index``, ``names``. :attr:`references` holds what each subject's computation reported.
     """
 
     has_labels = True
+    what = "reference"
 
     def __init__(
         self,
@@ -156,31 +165,42 @@ class ReferenceSVFPairs(Dataset):
         length: int | None = None,
         with_references: bool = True,
     ) -> None:
+        name = type(self).__name__
         if not subjects:
-            raise ValueError("ReferenceSVFPairs: no subjects")
+            raise ValueError(f"{name}: no subjects")
         missing = [n for n in (atlas, *subjects) if n not in images or n not in labels]
         if missing:
-            raise ValueError(f"ReferenceSVFPairs: no image or label map for {missing}")
+            raise ValueError(f"{name}: no image or label map for {missing}")
         self.atlas, self.subjects = atlas, list(subjects)
         self.grid, self.preprocessor = grid, preprocessor
-        self.config = config or label_registration_config()
+        self.config = config or self.default_config()
         self.length = len(self.subjects) if length is None else int(length)
         if self.length < 1:
-            raise ValueError(f"ReferenceSVFPairs: length must be >= 1, got {length}")
+            raise ValueError(f"{name}: length must be >= 1, got {length}")
         self.cache = Path(cache)
         on_grid = {
             n: resample(labels[n], grid, mode="nearest").data.long() for n in (atlas, *subjects)
         }
         self.labels = on_grid
+        self.grid_images = {n: images[n] for n in (atlas, *subjects)}
         self.images = {n: images[n].data.float() for n in (atlas, *subjects)}
         self.targets: dict[str, torch.Tensor] = {}
         self.references: dict[str, dict] = {}
         for n in self.subjects if with_references else ():
             self.targets[n], self.references[n] = self._reference(n, labels)
 
+    def default_config(self) -> ClassicalConfig:
+        """The registration used when none is given."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def compute(self, subject: str, labels: dict[str, Image]) -> tuple[torch.Tensor, dict]:
+        """The reference ``(D, *grid.shape)`` of ``subject`` → atlas, and what it achieved."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
     def _key(self, subject: str) -> dict:
         return {
             "format": _FORMAT,
+            "what": self.what,
             "atlas": self.atlas,
             "subject": subject,
             "grid": self.grid.to_dict(),
@@ -197,13 +217,13 @@ class ReferenceSVFPairs(Dataset):
                 log.warning("%s: unreadable reference (%s); recomputing", path, e)
                 stored = None
             if stored is not None and stored.get("key") == key:
-                return stored["velocity"], stored["info"]
-        velocity, info = label_svf(labels[self.atlas], labels[subject], self.grid, self.config)
-        log.info("reference SVF %s -> %s: %s", subject, self.atlas, info)
+                return stored["reference"], stored["info"]
+        reference, info = self.compute(subject, labels)
+        log.info("%s %s -> %s: %s", self.what, subject, self.atlas, info)
         self.cache.mkdir(parents=True, exist_ok=True)
         with atomic_write(path) as tmp:
-            torch.save({"key": key, "velocity": velocity, "info": info}, tmp)
-        return velocity, info
+            torch.save({"key": key, "reference": reference, "info": info}, tmp)
+        return reference, info
 
     def __len__(self) -> int:
         return self.length
@@ -223,6 +243,19 @@ class ReferenceSVFPairs(Dataset):
         if name in self.targets:
             item["target"] = self.targets[name]
         return item
+
+
+class ReferenceSVFPairs(ReferencePairs):
+    """:class:`ReferencePairs` whose references are the velocities of registering the pair's
+    label maps (:func:`label_svf`; ``config`` default :func:`label_registration_config`)."""
+
+    what = "reference SVF"
+
+    def default_config(self) -> ClassicalConfig:
+        return label_registration_config()
+
+    def compute(self, subject: str, labels: dict[str, Image]) -> tuple[torch.Tensor, dict]:
+        return label_svf(labels[self.atlas], labels[subject], self.grid, self.config)
 
 
 _DEFAULTS = {
@@ -248,34 +281,38 @@ def svf_reference_source(
     Keys (defaults): ``folder`` (the ``lpba40`` folder), ``atlas`` (S01), ``subjects`` /
     ``val_subjects`` (:data:`~learnreg.data.random_warps.LPBA_TRAIN` /
     :data:`~learnreg.data.random_warps.LPBA_HELDOUT`; ``[]``: no validation), ``cache``
-    (where references are stored; default ``$LEARNREG_CACHE/svf-references``, else
-    ``~/.cache/learnreg/svf-references``), ``length`` (training items; default the number of
-    subjects), and the label registration's ``iterations``, ``learning_rate``,
+    (where references are stored; default ``svf-references`` in
+    :func:`~learnreg.data.prealign.default_cache_dir`), ``length`` (training items; default
+    the number of subjects), and the label registration's ``iterations``, ``learning_rate``,
     ``regularization``. The network grid is ``data.shape`` / ``data.spacing`` over the atlas's
     field of view, as :func:`~learnreg.data.random_warps.warp_source` places LPBA40.
     """
     o = source_options("svf-references", options, _DEFAULTS)
-    root, atlas, subjects, held, pre = lpba_atlas_source("svf-references", o, preprocessor)
-    cache = (
-        o["cache"]
-        or Path(os.environ.get("LEARNREG_CACHE", Path.home() / ".cache" / "learnreg"))
-        / "svf-references"
-    )
     config = label_registration_config(
         int(o["iterations"]), float(o["learning_rate"]), float(o["regularization"])
     )
+    return reference_source("svf-references", o, preprocessor, ReferenceSVFPairs, config)
+
+
+def reference_source(
+    kind: str, o: dict, preprocessor: Preprocessor, pairs: type[ReferencePairs], config
+) -> tuple[ReferencePairs, ReferencePairs | None]:
+    """The training and validation :class:`ReferencePairs` of source ``kind`` from its
+    resolved options ``o`` (``folder``, ``atlas``, ``subjects``, ``val_subjects``, ``cache``
+    — default ``$LEARNREG_CACHE/<kind>``, else ``~/.cache/learnreg/<kind>`` —, ``length``);
+    the network grid is ``data.shape`` / ``data.spacing`` over the atlas's field of view."""
+    root, atlas, subjects, held, pre = lpba_atlas_source(kind, o, preprocessor)
+    cache = o["cache"] or default_cache_dir() / kind
     try:
         raw, labels = read_lpba_labelled(root, [atlas, *subjects, *held])
         grid = pre.grid_for(raw[atlas])
         images = {n: pre.image(im, grid) for n, im in raw.items()}
         pre = prediction_preprocessor(pre, grid)
         length = None if o["length"] is None else int(o["length"])
-        train = ReferenceSVFPairs(images, labels, atlas, subjects, grid, pre, cache, config, length)
+        train = pairs(images, labels, atlas, subjects, grid, pre, cache, config, length)
         val = None
         if held:
-            val = ReferenceSVFPairs(
-                images, labels, atlas, held, grid, pre, cache, config, with_references=False
-            )
+            val = pairs(images, labels, atlas, held, grid, pre, cache, config, None, False)
         return train, val
     except ValueError as e:
-        raise InputError(f"config data.synthetic (svf-references): {e}") from None
+        raise InputError(f"config data.synthetic ({kind}): {e}") from None

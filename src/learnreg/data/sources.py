@@ -33,6 +33,7 @@ _MODULES = (
     "learnreg.data.random_warps",
     "learnreg.data.perturb",
     "learnreg.data.reference_fields",
+    "learnreg.data.lddmm_momenta",
     "learnreg.data.modalities",
 )
 
