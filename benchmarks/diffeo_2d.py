@@ -1,6 +1,7 @@
 """Benchmark: the diffeomorphic and inverse-consistent methods of issue 16 on real 2D pairs —
 classical LDDMM (geodesic shooting), ICNet, Krebs' conditional VAE, Sheikhjafari's generative
-network optimized per pair (its inverse iterative) — beside the classical SVF default and
+network optimized per pair (its inverse iterative), the CPAB diffeomorphic transformer
+network (inverse ``T^{−θ}``) — beside the classical SVF default and
 VoxelMorph-diff, with folding and inverse-consistency errors.
 
 Data: LPBA40 axial slices 70/80/90 on a 64×64 grid over each slice (2.5–3 mm pixels), as
@@ -14,7 +15,8 @@ benchmarks/results/diffeo_2d.json and prints a Markdown table::
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/diffeo_2d.py --steps 1500
 
-A smoke run: ``--steps 3 --output /tmp/diffeo_2d.json``.
+A smoke run: ``--steps 3 --output /tmp/diffeo_2d.json``. ``--methods dtn-cpab --add-to
+benchmarks/results/diffeo_2d.json`` adds one network's row to an earlier report.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ METHODS = {
     "icnet": ("icnet", {"ndim": 2}),
     "krebs-cvae": ("krebs-cvae", {"ndim": 2, "shape": [64, 64]}),
     "voxelmorph-diff": ("voxelmorph-diff", {"ndim": 2}),
+    "dtn-cpab": ("dtn-cpab", {"shape": [64, 64]}),
 }
 
 
@@ -144,8 +147,11 @@ def summary(results: list[dict]) -> dict:
     return table
 
 
-def print_table(table: dict) -> None:
-    print("| method | training | Dice [95 % CI] | % det J ≤ 0 | IC error px [95 % CI] | s / pair |")
+def print_table(table: dict, unit: str = "px") -> None:
+    """The summary as a Markdown table (IC error in ``unit``: pixels or voxels of the grid)."""
+    print(
+        f"| method | training | Dice [95 % CI] | % det J ≤ 0 | IC error {unit} [95 % CI] | s / pair |"
+    )
     print("|---|---|---|---|---|---|")
     for name, row in table.items():
         t = row["training"]
@@ -168,17 +174,27 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", nargs="*", default=list(METHODS))
     p.add_argument("--output", type=Path, default=OUT / "diffeo_2d.json")
+    p.add_argument(
+        "--add-to",
+        type=Path,
+        help="run only --methods and put their rows into this earlier report (its other rows "
+        "stay as measured then)",
+    )
     p.add_argument("--run", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     if a.run:
         print(json.dumps(run_network(a.run, a.steps, a.lr, a.seed)))
         return
-    identity = {"name": "identity", "pairs": []}
-    for pair in slice_pairs():
-        zero = torch.zeros(1, 2, 64, 64)
-        identity["pairs"].append({**scores(zero, pair), "ic": 0.0, "seconds": 0.0})
-    results = [identity, *run_classical()]
+    if a.add_to:
+        earlier = json.loads(a.add_to.read_text())["results"]
+        results = [r for r in earlier if r["name"] not in a.methods]
+    else:
+        identity = {"name": "identity", "pairs": []}
+        for pair in slice_pairs():
+            zero = torch.zeros(1, 2, 64, 64)
+            identity["pairs"].append({**scores(zero, pair), "ic": 0.0, "seconds": 0.0})
+        results = [identity, *run_classical()]
     for name in a.methods:
         cmd = [
             sys.executable,

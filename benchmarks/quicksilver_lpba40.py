@@ -37,7 +37,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from dense_fields_2d import ci, write_report  # noqa: E402
+from dense_fields_2d import write_report  # noqa: E402
+from diffeo_2d import print_table, summary  # noqa: E402
 
 from learnreg.core.image import Image  # noqa: E402
 from learnreg.data.lddmm_momenta import (  # noqa: E402
@@ -172,38 +173,6 @@ def run_classical(args) -> list[dict]:
     ]
 
 
-def summary(results: list[dict]) -> dict:
-    table = {}
-    for r in results:
-        p = r["pairs"]
-        table[r["name"]] = {
-            "dice": ci([q["dice"] for q in p]),
-            "folding_percent": ci([q["folding_percent"] for q in p]),
-            "ic_voxels": ci([q["ic"] for q in p]),
-            "seconds_per_pair": sum(q["seconds"] for q in p) / len(p),
-            "train": {k: r.get(k) for k in ("steps", "train_seconds", "labels_in_training")},
-        }
-    return table
-
-
-def print_table(table: dict) -> None:
-    print("| method | training | Dice [95 % CI] | % det J ≤ 0 | IC error (voxels) | s / pair |")
-    print("|---|---|---|---|---|---|")
-    for name, row in table.items():
-        t = row["train"]
-        how = (
-            "—"
-            if t["steps"] is None
-            else f"no labels, {t['steps']} steps, {t['train_seconds']:.0f} s"
-        )
-        d = row["dice"]
-        print(
-            f"| {name} | {how} | {d[0]:.3f} [{d[1]:.3f}, {d[2]:.3f}] | "
-            f"{row['folding_percent'][0]:.2f} | {row['ic_voxels'][0]:.3f} | "
-            f"{row['seconds_per_pair']:.2f} |"
-        )
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=1500)
@@ -233,7 +202,7 @@ def main(argv=None) -> None:
     results += json.loads(line[len("RESULT ") :])
     table = summary(results)
     write_report(args.output, args, table, results)
-    print_table(table)
+    print_table(table, "voxels")
 
 
 if __name__ == "__main__":

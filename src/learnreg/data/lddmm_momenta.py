@@ -23,7 +23,7 @@ import torch
 
 from learnreg.core.image import Image
 from learnreg.data.preprocess import Preprocessor
-from learnreg.data.reference_fields import ReferencePairs, reference_source
+from learnreg.data.reference_fields import SOURCE_DEFAULTS, ReferencePairs, reference_source
 from learnreg.data.sources import register_source
 from learnreg.data.synthetic import source_options
 from learnreg.metrics import mean_dice
@@ -122,12 +122,7 @@ class MomentumPairs(ReferencePairs):
 
 
 _DEFAULTS = {
-    "folder": None,
-    "atlas": "S01",
-    "subjects": None,
-    "val_subjects": None,
-    "cache": None,
-    "length": None,
+    **SOURCE_DEFAULTS,
     "iterations": [60, 30],
     "shrink": [2, 1],
     "alpha": DEFAULT_KERNEL["alpha"],

@@ -55,6 +55,7 @@ __all__ = [
     "ReferenceSVFPairs",
     "svf_reference_source",
     "reference_source",
+    "SOURCE_DEFAULTS",
 ]
 
 log = logging.getLogger(__name__)
@@ -258,13 +259,18 @@ class ReferenceSVFPairs(ReferencePairs):
         return label_svf(labels[self.atlas], labels[subject], self.grid, self.config)
 
 
-_DEFAULTS = {
+SOURCE_DEFAULTS = {
     "folder": None,
     "atlas": "S01",
     "subjects": None,
     "val_subjects": None,
     "cache": None,
     "length": None,
+}
+"""The keys every LPBA40 reference source takes (:func:`reference_source`)."""
+
+_DEFAULTS = {
+    **SOURCE_DEFAULTS,
     "iterations": 100,
     "learning_rate": 1.0,
     "regularization": 0.01,
