@@ -6,7 +6,7 @@ classical LDDMM starts from the identity too). Training momenta: learnreg's clas
 (:func:`learnreg.data.lddmm_momenta.momentum_registration_config`: LNCC, levels 1/2 and 1 with
 the momentum on the image grid, the ``lddmm`` preset's kernel) of S01 ← S11–S34, computed once
 into ``--cache``; no labels in any loss. Quicksilver (:mod:`learnreg.methods.quicksilver`,
-16 features unless ``--features``) trains its prediction network ``--steps`` steps (2 pairs ×
+8 features unless ``--features``) trains its prediction network ``--steps`` steps (2 pairs ×
 8 random 15³ patches per step, Adam), then its correction network ``--correction-steps``
 steps on the residual. Scored on S01 ← S35–S40 (validation subjects, never trained on): mean
 Dice of the 56 structures on the 4 mm grid (labels nearest neighbour), % det J ≤ 0,
@@ -15,8 +15,8 @@ seconds per pair; 95 % bootstrap CIs over pairs. The classical LDDMM runs on tho
 second process at the same time as training (each process one thread; the machine has two
 cores). Writes benchmarks/results/quicksilver_lpba40.json and prints a Markdown table::
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/quicksilver_lpba40.py --steps 1500 \\
-        --correction-steps 600
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/quicksilver_lpba40.py --steps 1200 \\
+        --correction-steps 500 --features 8
 
 A smoke run: ``--steps 2 --correction-steps 2 --train S11 S12 --val S35 --output /tmp/qs.json``
 (momenta of S11, S12 are computed on first use: about 90 s each).
@@ -175,9 +175,9 @@ def run_classical(args) -> list[dict]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--correction-steps", type=int, default=600)
-    p.add_argument("--features", type=int, default=16)
+    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--correction-steps", type=int, default=500)
+    p.add_argument("--features", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train", nargs="+", default=list(LPBA_TRAIN))
