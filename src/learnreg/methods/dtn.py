@@ -60,6 +60,7 @@ class DiffeomorphicTransformerNetwork(RegistrationMethod):
         features, hidden: the localisation network's conv channels and hidden units.
         similarity: the image term (a registered similarity, or weighted terms).
         prior_weight: weight of ``mean θ²``.
+        coord_conv: CoordConv first layer of the localisation network.
 
     ``extras["theta"]``: ``(N, d)``.
     """
@@ -76,6 +77,7 @@ class DiffeomorphicTransformerNetwork(RegistrationMethod):
         hidden: Sequence[int] = (128,),
         similarity: LossSpec = "mse",
         prior_weight: float = 0.01,
+        coord_conv: bool = False,
     ) -> None:
         super().__init__()
         if ndim != 2:
@@ -89,7 +91,11 @@ class DiffeomorphicTransformerNetwork(RegistrationMethod):
         self.tessellation = Tessellation(cells, zero_boundary)
         self.steps, self.substeps = int(steps), int(substeps)
         self.prior_weight = float(prior_weight)
-        encoder = {"features": tuple(features), "downsample_after": tuple(range(len(features)))}
+        encoder = {
+            "features": tuple(features),
+            "downsample_after": tuple(range(len(features))),
+            "coord_conv": coord_conv,
+        }
         head = {"hidden": tuple(hidden), "init_std": 1e-3}
         self.net = ParameterRegressor(2, self.shape, self.tessellation.dim, encoder, head)
         self.similarity_terms = LossTerms(similarity, "similarity")

@@ -43,11 +43,11 @@ from learnreg.core.grid import Grid
 from learnreg.core.options import check_option
 from learnreg.methods.base import MethodOutput, RegistrationBatch, RegistrationMethod, unit_grid
 from learnreg.methods.registry import register_method
+from learnreg.nn.blocks import AddCoords
 from learnreg.nn.patches import apply_patchwise, crop_patches, random_corners
 from learnreg.nn.quicksilver import MomentumPatchNet
-from learnreg.optimize.config import DEFAULT_KERNEL
 from learnreg.spatial.base import SpatialTransform
-from learnreg.spatial.lddmm import GeodesicShooting
+from learnreg.spatial.lddmm import DEFAULT_KERNEL, GeodesicShooting
 from learnreg.spatial.sampling import warp
 
 __all__ = ["Quicksilver", "MomentumOutput"]
@@ -122,6 +122,7 @@ class Quicksilver(RegistrationMethod):
         kernel: ``{alpha (mm²), gamma, power}`` of the shooting (must be the LDDMM's that made
             the training momenta); default the ``lddmm`` preset's.
         steps: time steps of the shooting.
+        coord_conv: CoordConv first layers fed each patch's position in the whole image.
 
     ``batch.target``: the LDDMM initial momentum ``(N, D, *S)`` on the network grid.
     """
@@ -138,6 +139,7 @@ class Quicksilver(RegistrationMethod):
         stage: str = "prediction",
         kernel: dict | None = None,
         steps: int = 5,
+        coord_conv: bool = False,
     ) -> None:
         super().__init__()
         check_option("stage", stage, STAGES)
@@ -153,10 +155,11 @@ class Quicksilver(RegistrationMethod):
         self.kernel = {**DEFAULT_KERNEL, **(kernel or {})}
         self.steps = int(steps)
         self.resolve(kernel=self.kernel)
-        self.prediction = MomentumPatchNet(ndim, features, dropout)
+        self.prediction = MomentumPatchNet(ndim, features, dropout, coord_conv)
         self.correction = (
-            MomentumPatchNet(ndim, features, dropout) if stage == "correction" else None
+            MomentumPatchNet(ndim, features, dropout, coord_conv) if stage == "correction" else None
         )
+        self.add_coords = AddCoords(ndim) if coord_conv else None
         if self.correction is not None:
             self.prediction.requires_grad_(False)
         self._warped_back: dict[str, Tensor] = {}
@@ -182,9 +185,17 @@ class Quicksilver(RegistrationMethod):
                 f"dims; got {tuple(fixed.shape)} and {tuple(moving.shape)}"
             )
 
+    def _inputs(self, moving: Tensor, target: Tensor) -> Tensor:
+        """The networks' input channels over the whole image: moving, target (and, with
+        CoordConv, the image's coordinate channels, so each patch carries its position)."""
+        pair = [moving, target]
+        if self.add_coords is not None:
+            c = self.add_coords.coords(tuple(moving.shape[2:]), moving.dtype, moving.device)
+            pair.append(c.expand(moving.shape[0], *c.shape[1:]))
+        return torch.cat(pair, 1)
+
     def _patchwise(self, net: MomentumPatchNet, moving: Tensor, target: Tensor) -> Tensor:
-        pair = torch.cat([moving, target], 1)
-        return apply_patchwise(net, pair, net.patch, self.stride, self.ndim)
+        return apply_patchwise(net, self._inputs(moving, target), net.patch, self.stride, self.ndim)
 
     def momentum(self, fixed: Tensor, moving: Tensor, grid: Grid) -> dict[str, Tensor]:
         """The whole-image momenta (tiled patches): ``predicted``, with a correction stage
@@ -230,18 +241,13 @@ class Quicksilver(RegistrationMethod):
         # training: random patches with content (the paper's mini-batches of patches)
         patch = self.prediction.patch
         corners = random_corners(fixed + moving, patch, self.patches_per_pair)
-        pair = torch.cat(
-            [crop_patches(moving, corners, patch), crop_patches(fixed, corners, patch)], 1
-        )
+        pair = crop_patches(self._inputs(moving, fixed), corners, patch)
         patches = self.prediction(pair)
         if self.correction is not None:
             with torch.no_grad():  # the frozen prediction network runs in eval mode
                 m = self._patchwise(self.prediction, moving, fixed)
             back = self._warped_back_target(fixed, moving, m, grid)
-            moving_patches = crop_patches(moving, corners, patch)
-            residual = self.correction(
-                torch.cat([moving_patches, crop_patches(back, corners, patch)], 1)
-            )
+            residual = self.correction(crop_patches(self._inputs(moving, back), corners, patch))
             patches = patches.detach() + residual
         extras = {"momentum_patches": patches, "corners": corners}
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from learnreg.nn.blocks import conv_nd
+from learnreg.nn.blocks import CoordConv, conv_nd
 
 __all__ = ["MomentumPatchNet"]
 
@@ -28,16 +28,23 @@ def _dropout(rate: float) -> nn.Module:
 
 
 class _Encoder(nn.Module):
-    def __init__(self, ndim: int, cin: int, cout: int, dropout: float) -> None:
+    def __init__(
+        self, ndim: int, cin: int, cout: int, dropout: float, coord_conv: bool = False
+    ) -> None:
         super().__init__()
         conv = conv_nd(ndim)
-        layers: list[nn.Module] = []
-        for c in (cin, cout, cout):
-            layers += [conv(c, cout, 3, padding=1), nn.PReLU(), _dropout(dropout)]
+        # CoordConv: the first layer also sees where the patch lies in the whole image
+        self.coord = CoordConv(ndim, cin, cout, negative_slope=0.25) if coord_conv else None
+        layers: list[nn.Module] = [] if coord_conv else [conv(cin, cout, 3, padding=1), nn.PReLU()]
+        layers.append(_dropout(dropout))
+        for _ in range(2):
+            layers += [conv(cout, cout, 3, padding=1), nn.PReLU(), _dropout(dropout)]
         self.body = nn.Sequential(*layers)
         self.pool = nn.Sequential(conv(cout, cout, 2, stride=2, padding=1), nn.PReLU())
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, coords: Tensor | None = None) -> Tensor:
+        if self.coord is not None:
+            x = self.coord(x, coords)
         return self.pool(self.body(x))
 
 
@@ -67,23 +74,28 @@ class MomentumPatchNet(nn.Module):
         ndim: 2 or 3.
         features: channels of the first encoder block (the second has twice as many).
         dropout: rate after the PReLUs (0: the deterministic network).
+        coord_conv: the first layer of each encoder is a CoordConv fed the patch's
+            coordinates in the whole image (``D`` more input channels after the two images).
     """
 
     patch = 15
 
-    def __init__(self, ndim: int = 3, features: int = 64, dropout: float = 0.0) -> None:
+    def __init__(
+        self, ndim: int = 3, features: int = 64, dropout: float = 0.0, coord_conv: bool = False
+    ) -> None:
         super().__init__()
         if ndim not in (2, 3) or features < 1 or not 0 <= dropout < 1:
             raise ValueError(
                 f"MomentumPatchNet: ndim 2 or 3, features >= 1, dropout in [0, 1); got "
                 f"{ndim}, {features}, {dropout}"
             )
-        self.ndim, f = ndim, int(features)
-        self.moving_encoder = nn.Sequential(
-            _Encoder(ndim, 1, f, dropout), _Encoder(ndim, f, 2 * f, dropout)
+        self.ndim, f, self.coord_conv = ndim, int(features), bool(coord_conv)
+        self.in_channels = 2 + (ndim if coord_conv else 0)
+        self.moving_encoder = nn.ModuleList(
+            [_Encoder(ndim, 1, f, dropout, coord_conv), _Encoder(ndim, f, 2 * f, dropout)]
         )
-        self.target_encoder = nn.Sequential(
-            _Encoder(ndim, 1, f, dropout), _Encoder(ndim, f, 2 * f, dropout)
+        self.target_encoder = nn.ModuleList(
+            [_Encoder(ndim, 1, f, dropout, coord_conv), _Encoder(ndim, f, 2 * f, dropout)]
         )
         self.decoders = nn.ModuleList(
             nn.Sequential(
@@ -104,12 +116,19 @@ class MomentumPatchNet(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, pair: Tensor) -> Tensor:
-        """``pair`` ``(N, 2, 15, ...)``: moving and target patches stacked."""
-        want = (2, *(self.patch,) * self.ndim)
+        """``pair`` ``(N, 2, 15, ...)``: moving and target patches stacked (with
+        ``coord_conv``, then their ``D`` coordinate channels)."""
+        want = (self.in_channels, *(self.patch,) * self.ndim)
         if pair.dim() != self.ndim + 2 or tuple(pair.shape[1:]) != want:
             raise ValueError(
                 f"MomentumPatchNet: patches must be (N, {want}); got {tuple(pair.shape)}"
             )
-        moving, target = pair.split(1, 1)
-        code = torch.cat([self.moving_encoder(moving), self.target_encoder(target)], 1)
+        coords = pair[:, 2:] if self.coord_conv else None
+        codes = [
+            second(first(image, coords))
+            for (first, second), image in zip(
+                (self.moving_encoder, self.target_encoder), pair[:, :2].split(1, 1), strict=True
+            )
+        ]
+        code = torch.cat(codes, 1)
         return torch.cat([decode(code) for decode in self.decoders], 1)

@@ -22,6 +22,7 @@ from typing import Any
 
 from learnreg.core.options import check_option
 from learnreg.losses.terms import LossSpec, LossTerms
+from learnreg.spatial.lddmm import DEFAULT_KERNEL
 
 __all__ = [
     "LinearStage",
@@ -39,8 +40,6 @@ LINEAR_MODELS = ("rigid", "similarity", "affine")
 DEFORMABLE_MODELS = ("svf", "displacement", "lddmm")
 INITS = ("com", "search")
 _DEFAULT_REGULARIZATION = {"diffusion": 1.0}
-DEFAULT_KERNEL = {"alpha": 100.0, "gamma": 1.0, "power": 2}
-"""The LDDMM stage's ``L = (−α∇² + γ)^c`` (α in mm²)."""
 
 
 @dataclass

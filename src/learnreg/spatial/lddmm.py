@@ -43,7 +43,11 @@ __all__ = [
     "forward_map",
     "TimeVaryingVelocityField",
     "GeodesicShooting",
+    "DEFAULT_KERNEL",
 ]
+
+DEFAULT_KERNEL = {"alpha": 100.0, "gamma": 1.0, "power": 2}
+"""``L = (−α∇² + γ)^c`` of the classical ``lddmm`` preset and of Quicksilver (α in mm²)."""
 
 
 class DifferentialKernel:
