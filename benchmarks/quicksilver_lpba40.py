@@ -54,6 +54,7 @@ from learnreg.methods.registry import create_method  # noqa: E402
 from learnreg.metrics import mean_dice  # noqa: E402
 from learnreg.spatial.differential import jacobian_determinant  # noqa: E402
 from learnreg.spatial.fields import compose_displacements  # noqa: E402
+from learnreg.spatial.lddmm import GeodesicShooting  # noqa: E402
 from learnreg.spatial.sampling import warp  # noqa: E402
 
 OUT = HERE / "results"
@@ -159,7 +160,10 @@ def run_classical(args) -> list[dict]:
         moving = Image(it["moving"], val.grid, it["names"][1])
         t0 = time.perf_counter()
         momentum, _ = lddmm_momentum(fixed, moving, config)
-        geodesic = create_method("quicksilver", ndim=3).shoot(momentum[None], val.grid)
+        d = config.deformable
+        geodesic = GeodesicShooting(
+            val.grid, momentum[None], **d.kernel, steps=d.steps, physical=True
+        )
         backward, forward = geodesic.maps()
         seconds = time.perf_counter() - t0
         fl, ml = it["fixed_labels"], it["moving_labels"]
