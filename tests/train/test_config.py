@@ -52,6 +52,9 @@ def test_from_yaml_with_overrides(tmp_path):
         ("optimizer.schedule=step", r"optimizer.schedule must be one of"),
         ("optimizer.min_lr=1", r"optimizer.min_lr must be in \[0, lr"),
         ("data.augment.rotation=-2", r"augment.rotation must be >= 0"),
+        ("optimizer.groups={model: {every: 0}}", r"groups.model.every must be an integer >= 1"),
+        ("optimizer.groups={model: {every: 1.5}}", r"groups.model.every must be an integer"),
+        ("optimizer.groups={model: {beta: 1}}", r"groups.model must map lr, weight_decay"),
     ],
 )
 def test_errors_name_the_key(tmp_path, override, match):
@@ -69,3 +72,12 @@ def test_missing_and_bad_files(tmp_path):
     p.write_text("data: {images: a}\n")
     with pytest.raises(InputError, match="missing required config key method"):
         TrainConfig.from_yaml(p)
+
+
+def test_group_update_ratio() -> None:
+    """``every: k`` steps a group on training steps k, 2k, ... (1-based)."""
+    from learnreg.train.config import OptimizerConfig
+
+    o = OptimizerConfig(groups={"model": {"every": 3}}).validate()
+    assert [s for s in range(1, 10) if o.steps_on("model", s)] == [3, 6, 9]
+    assert all(o.steps_on("discriminator", s) for s in range(1, 10))

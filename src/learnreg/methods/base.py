@@ -191,10 +191,22 @@ class RegistrationMethod(nn.Module):
         """Grid sizes must be multiples of this (``2**levels`` for a U-Net)."""
         return 1
 
+    group_modules: ClassVar[dict[str, tuple[str, ...]]] = {}
+    """Parameter groups beyond the main one: group name → attribute names of the submodules
+    it trains (e.g. ``{"discriminator": ("discriminator",)}`` for an adversarial method);
+    every other trainable parameter is in ``"model"``."""
+
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters trained by separate optimizers, by name (first: the main group).
-        Default: one group of every trainable parameter."""
-        return {"model": [p for p in self.parameters() if p.requires_grad]}
+        """Parameters trained by separate optimizers, by name (first: the main group,
+        ``"model"``; then those of :attr:`group_modules`)."""
+        groups: dict[str, list[nn.Parameter]] = {}
+        taken: set[int] = set()
+        for name, attrs in self.group_modules.items():
+            params = [p for a in attrs for p in getattr(self, a).parameters() if p.requires_grad]
+            groups[name] = params
+            taken |= {id(p) for p in params}
+        main = [p for p in self.parameters() if p.requires_grad and id(p) not in taken]
+        return {"model": main, **groups}
 
     def initial_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """The weights to start training from, given those of an ``init`` checkpoint of this

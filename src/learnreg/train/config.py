@@ -107,7 +107,10 @@ class OptimizerConfig:
     min_lr: float = 0.0
     groups: dict = field(default_factory=dict)
     """Per parameter group of the method (e.g. ``discriminator``): ``{lr, weight_decay}``
-    overriding the values above for that group's optimizer."""
+    overriding the values above for that group's optimizer, and ``every: k`` (default 1):
+    the group steps only on every ``k``-th training step (steps ``k, 2k, ...``). That sets
+    the update ratio of adversarial training: a generator (``model``) with ``every: 5``
+    steps once per five discriminator updates."""
 
     def validate(self) -> OptimizerConfig:
         check_option("config optimizer.name", self.name, _OPTIMIZERS, InputError)
@@ -119,15 +122,27 @@ class OptimizerConfig:
                 f"config optimizer.min_lr must be in [0, lr = {self.lr}], got {self.min_lr}"
             )
         for name, opts in self.groups.items():
-            bad = sorted(set(opts) - {"lr", "weight_decay"}) if isinstance(opts, dict) else None
+            keys = {"lr", "weight_decay", "every"}
+            bad = sorted(set(opts) - keys) if isinstance(opts, dict) else None
             if bad is None or bad:
                 raise InputError(
-                    f"config optimizer.groups.{name} must map lr and/or weight_decay to numbers"
-                    f", got {opts!r}"
+                    f"config optimizer.groups.{name} must map lr, weight_decay and/or every "
+                    f"to numbers, got {opts!r}"
                 )
             if "lr" in opts and not float(opts["lr"]) > 0:
                 raise InputError(f"config optimizer.groups.{name}.lr must be > 0")
+            every = opts.get("every", 1)
+            if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+                raise InputError(
+                    f"config optimizer.groups.{name}.every must be an integer >= 1 (the group "
+                    f"steps on every k-th training step), got {every!r}"
+                )
         return self
+
+    def steps_on(self, group: str, step: int) -> bool:
+        """Whether parameter group ``group`` is updated by training step ``step`` (1-based:
+        the update that ends at ``step``)."""
+        return step % int(self.groups.get(group, {}).get("every", 1)) == 0
 
     def lr_at(self, step: int, steps: int) -> float:
         """Learning rate of the update from step ``step`` to ``step + 1`` of ``steps``:

@@ -303,7 +303,8 @@ class Trainer:
             )
         out = {}
         for name, params in groups.items():
-            opts = {"lr": o.lr, "weight_decay": o.weight_decay, **o.groups.get(name, {})}
+            own = {k: v for k, v in o.groups.get(name, {}).items() if k != "every"}
+            opts = {"lr": o.lr, "weight_decay": o.weight_decay, **own}
             params = list(params)
             if o.name == "adam":
                 out[name] = torch.optim.Adam(params, **opts)
@@ -567,8 +568,9 @@ class Trainer:
                 dist.all_reduce(p.grad)
                 p.grad /= self.world_size
 
-    def _backward(self, losses: dict, optimizers: dict, scaler) -> None:
-        """Gradients of each group's total into that group's parameters only."""
+    def _backward(self, losses: dict, optimizers: dict, scaler) -> list[str]:
+        """Gradients of each group's total into that group's parameters only, for the groups
+        that step at this step (``optimizer.groups.<name>.every``); returns their names."""
         names = list(optimizers)
         totals = {n: losses["total" if i == 0 else f"total_{n}"] for i, n in enumerate(names)}
         for name, total in totals.items():
@@ -576,15 +578,18 @@ class Trainer:
                 raise FloatingPointError(f"loss {name} is {float(total)} at step {self.step + 1}")
         for opt in optimizers.values():
             opt.zero_grad(set_to_none=True)
+        stepping = [n for n in names if self.config.optimizer.steps_on(n, self.step + 1)]
         if len(names) == 1:
-            scaler.scale(totals[names[0]]).backward()
-            return
+            if stepping:
+                scaler.scale(totals[names[0]]).backward()
+            return stepping
         groups = self.method.parameter_groups()
-        for i, name in enumerate(names):
+        for i, name in enumerate(stepping):
             params = [p for p in groups[name] if p.requires_grad]
-            scaler.scale(totals[name]).backward(inputs=params, retain_graph=i < len(names) - 1)
+            scaler.scale(totals[name]).backward(inputs=params, retain_graph=i < len(stepping) - 1)
         if self.world_size > 1:
             self._all_reduce_grads()
+        return stepping
 
     def _fit(self, resume: bool, end: int, overwrite: bool = False) -> dict:
         cfg = self.config
@@ -628,16 +633,17 @@ class Trainer:
                 for name, opt in optimizers.items():
                     for group in opt.param_groups:
                         group["lr"] = self._lr(name, self.step)
-                self._backward(losses, optimizers, scaler)
+                stepping = self._backward(losses, optimizers, scaler)
                 if cfg.optimizer.grad_clip:
-                    for opt in optimizers.values():
-                        scaler.unscale_(opt)
+                    for name in stepping:
+                        scaler.unscale_(optimizers[name])
                     torch.nn.utils.clip_grad_norm_(
                         self.method.parameters(), cfg.optimizer.grad_clip
                     )
-                for opt in optimizers.values():
-                    scaler.step(opt)
-                scaler.update()
+                for name in stepping:
+                    scaler.step(optimizers[name])
+                if stepping:
+                    scaler.update()
                 self.step += 1
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
