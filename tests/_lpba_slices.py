@@ -29,3 +29,16 @@ def on_network_grid(images: dict, shape=(80, 96)) -> tuple[dict, Grid, Preproces
     pre = Preprocessor(NetworkGrid(shape), percentiles=None)
     grid = pre.grid_for(next(iter(images.values())))
     return {n: pre.image(im, grid) for n, im in images.items()}, grid, pre
+
+
+def write_slice_folders(lpba: Path, names: Sequence[str], out: Path) -> Path:
+    """The axial slices of ``names`` written as 2D NIfTI files under ``out/images`` and
+    ``out/labels`` (a data folder a training config can name); returns ``out``."""
+    from learnreg.io.images import write_image
+
+    images, labels = axial_slices(lpba, names)
+    for folder, source in (("images", images), ("labels", labels)):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+        for n, im in source.items():
+            write_image(im, out / folder / f"{n}.nii.gz")
+    return out
