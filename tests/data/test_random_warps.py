@@ -19,6 +19,7 @@ from learnreg.data.random_warps import (
     lpba_volumes,
     random_smooth_displacement,
     random_tps_displacements,
+    split_affine_tps,
     tps_points,
 )
 from learnreg.data.sources import synthetic_datasets
@@ -86,12 +87,13 @@ def test_affine_points_match_skimage() -> None:
     np.testing.assert_allclose(ours, ref(pts[0].numpy()), atol=1e-9)
 
 
-@pytest.mark.parametrize("kind", ["affine", "tps", "dense"])
+@pytest.mark.parametrize("kind", ["affine", "tps", "dense", "affine+tps"])
 def test_pairs_2d_moving_through_t_is_fixed(kind, slices) -> None:
     ds = RandomWarpPairs(slices, kind, (48, 48), 8, seed=5, translation=3.0, magnitude=3.0)
     item = ds[2]
     assert item["fixed"].shape == (1, 48, 48) and item["moving"].shape == (1, 48, 48)
-    assert item["target"].shape == {"affine": (6,), "tps": (9, 2), "dense": (2, 48, 48)}[kind]
+    shapes = {"affine": (6,), "tps": (9, 2), "dense": (2, 48, 48), "affine+tps": (24,)}
+    assert item["target"].shape == shapes[kind]
     k, origin, params = ds.draw(2)
     torch.testing.assert_close(params.float(), item["target"])
     # fixed(x) = I(p + T(x)) from the source image; moving(y) = I(p + y)
@@ -114,6 +116,19 @@ def test_pairs_2d_moving_through_t_is_fixed(kind, slices) -> None:
     assert not torch.equal(other[2]["target"], item["target"])
     b = collate_pairs([ds[i] for i in range(4)])
     assert b.target.shape == (4, *item["target"].shape)
+
+
+def test_affine_tps_pairs_are_the_spline_then_the_affine(slices) -> None:
+    """T = A ∘ S: the composite's points are the affine of the spline's points."""
+    ds = RandomWarpPairs(slices, "affine+tps", (48, 48), 4, seed=1, magnitude=3.0)
+    params = ds.draw(0)[2][None].double()
+    affine, tps = split_affine_tps(params, 2)
+    pts = ds._points
+    want = affine_points(affine, (48, 48), tps_points(tps, (48, 48), 3, pts))
+    torch.testing.assert_close(ds.transform_points(params, pts), want)
+    assert float((want - affine_points(affine, (48, 48), pts)).abs().max()) > 0.5
+    with pytest.raises(ValueError, match=r"\(N, 6 \+ K\*2\)"):
+        split_affine_tps(params[:, :7], 2)
 
 
 def test_smooth_displacement_bounds_and_frequencies() -> None:

@@ -21,6 +21,11 @@ points, so a pair is (as DeTone's protocol in :mod:`learnreg.data.synthetic`):
     the last voxel centre, last axis fastest), each component uniform in ``±magnitude``;
     ``T`` is the thin-plate spline (:class:`~learnreg.spatial.tps.ThinPlateSpline`) through
     ``p_k ↦ p_k + δ_k`` (:class:`learnreg.methods.tps_regression.TPSGrid`).
+  * ``"affine+tps"``: ``T = A ∘ S``, a thin-plate spline ``S`` then an affine ``A``
+    (fixed → moving: the moving image is an affine of the fixed one after a local
+    deformation; Rocco et al. chain an affine network and a TPS network on such pairs); the
+    target is both parameter sets flattened into one vector: the ``D(D+1)`` affine
+    parameters, then the ``K·D`` control displacements (:func:`split_affine_tps`);
   * ``"dense"``: the displacement ``T(x) − x`` ``(D, *S)`` (voxels) at every voxel of the crop,
     ``T(x) = A(x) + u(x)``: a random affine ``A`` (the ``"affine"`` ranges; zero ranges for
     none) plus a smooth field ``u`` that sums cubic B-spline fields of several control
@@ -61,7 +66,7 @@ from learnreg.data.perturb import random_affine_params
 from learnreg.data.preprocess import NetworkGrid, Preprocessor
 from learnreg.data.sources import register_source
 from learnreg.data.synthetic import IMAGE_SOURCES, normalized, source_images, source_options
-from learnreg.methods.geometric_matching import affine_matrix
+from learnreg.methods.geometric_matching import affine_matrix, split_affine_tps
 from learnreg.methods.tps_regression import TPSGrid
 from learnreg.spatial.sampling import sample_index
 from learnreg.spatial.tps import ThinPlateSpline
@@ -74,12 +79,13 @@ __all__ = [
     "random_smooth_displacement",
     "tps_points",
     "affine_points",
+    "split_affine_tps",
     "lpba_volumes",
     "RandomWarpPairs",
     "warp_source",
 ]
 
-WARP_KINDS = ("affine", "tps", "dense")
+WARP_KINDS = ("affine", "tps", "dense", "affine+tps")
 #: LPBA40's suggested split (README of the data): S11–S34 train, S35–S40 validation.
 LPBA_TRAIN = tuple(f"S{i:02d}" for i in range(11, 35))
 LPBA_HELDOUT = tuple(f"S{i:02d}" for i in range(35, 41))
@@ -290,7 +296,7 @@ class RandomWarpPairs(Dataset):
         images: ``name → (*S)`` grayscale images (2D or 3D, all of the same dimension), each at
             least ``shape`` in every axis; tensors, or :class:`~learnreg.core.Image` s on one
             grid (e.g. :func:`lpba_volumes`).
-        kind: ``"affine"`` or ``"tps"`` (module docstring).
+        kind: ``"affine"``, ``"tps"``, ``"affine+tps"`` or ``"dense"`` (module docstring).
         shape: the crop (network input) size; default: the size of the first image.
         length: number of items; item ``i`` is a pure function of ``(seed, i)``.
         rotation, translation, scale, shear: affine ranges (degrees, voxels, fractions) of
@@ -450,17 +456,29 @@ class RandomWarpPairs(Dataset):
             linear = (mapped - self._points)[0].T.reshape(self.ndim, *self.shape)
             params = (linear + smooth).float()
         else:
+            affine = (
+                random_affine_params(1, self.ndim, generator=g, **self.affine)[0]
+                if self.kind == "affine+tps"
+                else None
+            )
             params = random_tps_displacements(
                 1, self.num_control_points, self.ndim, self.magnitude, g
             )[0]
             if self.fixed_border:
                 params = params * self.inner_mask()[:, None]
+            if affine is not None:
+                params = torch.cat([affine, params.flatten()])
         return k, torch.tensor(origin, dtype=torch.float64), params
 
     def transform_points(self, params: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         """``T(points)`` ``(N, P, D)`` (float64) for a batch of targets ``params``."""
         if self.kind == "affine":
             return affine_points(params, self.shape, points)
+        if self.kind == "affine+tps":
+            affine, tps = split_affine_tps(params, self.ndim)
+            return affine_points(
+                affine, self.shape, tps_points(tps, self.shape, self.grid_size, points)
+            )
         if self.kind == "dense":  # the field, linearly interpolated at the points
             n, p = points.shape[0], points.shape[1]
             at = points.double().reshape(n, p, *([1] * (self.ndim - 1)), self.ndim)
@@ -474,9 +492,15 @@ class RandomWarpPairs(Dataset):
             return affine_points(params[None], self.shape, self._points)
         if self.kind == "dense":
             return self._points + params.double().flatten(1).T[None]
+        affine, tps = (
+            split_affine_tps(params[None], self.ndim)
+            if self.kind == "affine+tps"
+            else (None, params[None])
+        )
         # the spline's dense field by the TPS design of the crop grid (computed once)
-        u = _tps_grid(self.shape, self.grid_size).dense(params[None].float())
-        return self._points + u.flatten(2).transpose(1, 2).double()
+        u = _tps_grid(self.shape, self.grid_size).dense(tps.float())
+        mapped = self._points + u.flatten(2).transpose(1, 2).double()
+        return mapped if affine is None else affine_points(affine, self.shape, mapped)
 
     def __getitem__(self, index: int) -> dict:
         k, origin, params = self.draw(index)

@@ -55,20 +55,23 @@ from learnreg.nn.blocks import conv_nd
 from learnreg.nn.correlation import FeatureCorrelation
 from learnreg.nn.regression import VGGEncoder
 from learnreg.spatial.affine import AffineTransform
-from learnreg.spatial.base import SpatialTransform
+from learnreg.spatial.base import SpatialTransform, TransformChain
 from learnreg.spatial.frame import index_matrix_to_world
 from learnreg.spatial.linear import Affine
 
 __all__ = [
     "TRANSFORMS",
+    "STAGE_TRANSFORMS",
     "affine_matrix",
+    "split_affine_tps",
     "matrix_to_affine_params",
     "GlobalTransformModel",
     "CorrelationRegressor",
     "GeometricMatching",
 ]
 
-TRANSFORMS = ("affine", "tps")
+STAGE_TRANSFORMS = ("affine", "tps")
+TRANSFORMS = (*STAGE_TRANSFORMS, "affine+tps")
 
 
 def affine_matrix(params: Tensor, shape: Sequence[int]) -> Tensor:
@@ -82,6 +85,19 @@ def affine_matrix(params: Tensor, shape: Sequence[int]) -> Tensor:
         )
     c = torch.tensor(Grid(tuple(shape)).index_center, dtype=params.dtype, device=params.device)
     return Affine.from_params(params, center=c).homogeneous()
+
+
+def split_affine_tps(params: Tensor, ndim: int) -> tuple[Tensor, Tensor]:
+    """Chained parameters ``(N, D(D+1) + K·D)`` (the affine's, then the TPS control
+    displacements; the ``"affine+tps"`` warps of :mod:`learnreg.data.random_warps`) as the
+    affine parameters ``(N, D(D+1))`` and control displacements ``(N, K, D)``."""
+    a = ndim * (ndim + 1)
+    if params.dim() != 2 or params.shape[1] <= a or (params.shape[1] - a) % ndim:
+        raise ValueError(
+            f"affine+tps parameters for {ndim}D must be (N, {a} + K*{ndim}); got "
+            f"{tuple(params.shape)}"
+        )
+    return params[:, :a], params[:, a:].reshape(params.shape[0], -1, ndim)
 
 
 def matrix_to_affine_params(matrix: Tensor, shape: Sequence[int]) -> Tensor:
@@ -122,7 +138,7 @@ class GlobalTransformModel(nn.Module):
         loss_points: int = 20,
     ) -> None:
         super().__init__()
-        check_option("transform", transform, TRANSFORMS)
+        check_option("transform", transform, STAGE_TRANSFORMS)
         self.shape = tuple(int(s) for s in shape)
         if len(self.shape) not in (2, 3) or any(s < 2 for s in self.shape):
             raise ValueError(f"shape must be 2 or 3 sizes >= 2, got {tuple(shape)}")
@@ -176,14 +192,18 @@ class GlobalTransformModel(nn.Module):
         :attr:`shape`)."""
         return self.world_transform(params).voxel_displacement(Grid(self.shape))
 
-    def map_points(self, params: Tensor) -> Tensor:
-        """``T(g)`` ``(N, P, D)`` of the loss grid ``g`` (index coordinates)."""
+    def map_points(self, params: Tensor, points: Tensor | None = None) -> Tensor:
+        """``T(points)`` ``(N, P, D)`` (index coordinates); default points: the loss grid.
+        Other ``points`` (``(P, D)`` or ``(N, P, D)``, e.g. the loss grid mapped by another
+        stage) only for the affine."""
         p = self.check_params(params)
-        g = self.points.to(p.dtype)
+        g = (self.points if points is None else points).to(p.dtype)
         if self.tps is None:
             m = affine_matrix(p, self.shape)
             d = self.ndim
             return g @ m[:, :d, :d].transpose(1, 2) + m[:, None, :d, d]
+        if points is not None:
+            raise ValueError("map_points: a TPS stage maps its own loss grid only")
         return g + self.point_basis.to(p.dtype) @ p
 
     def grid_errors(self, pred: Tensor, target: Tensor) -> Tensor:
@@ -261,7 +281,7 @@ class CorrelationRegressor(nn.Module):
     "geometric-matching",
     year=2017,
     ndim="2D/3D",
-    transform="affine or thin-plate spline (3×3 control grid)",
+    transform="affine, thin-plate spline (3×3 control grid), or affine then TPS (chained)",
     loss="transformed grid loss (mean squared grid-point distance)",
     supervision="supervised (synthetic warps)",
     reference="Rocco, Arandjelović and Sivic, CVPR 2017",
@@ -270,9 +290,21 @@ class CorrelationRegressor(nn.Module):
 class GeometricMatching(RegistrationMethod):
     """Geometric matching CNN: siamese features, correlation layer, affine/TPS regression.
 
+    ``transform="affine+tps"`` is Rocco's chain (their Table 1 entry and their best model): an
+    affine network, then a TPS network on the moving image warped by the affine, each with
+    its own feature tower (:attr:`stages`, two ``GeometricMatching`` of the other two
+    kinds). The TPS stage registers the fixed image to ``moving ∘ A``, so the chain maps a
+    fixed point first through the spline, then through the affine: ``φ = A ∘ S``
+    (``TransformChain([S, A])``), parameters ``[affine | TPS control displacements]``
+    (:func:`split_affine_tps`). Rocco trains each stage on its own kind of random warps and
+    chains them at test time: :meth:`chain` builds the chained model from two trained
+    stages. Trained as one model (``affine+tps`` warps), its loss is the grid loss of the
+    composed map; ``init:`` from an affine or TPS checkpoint fills that stage
+    (:meth:`initial_state`).
+
     Args:
         ndim: 2 or 3.
-        transform: ``"affine"`` or ``"tps"``.
+        transform: ``"affine"``, ``"tps"`` or ``"affine+tps"`` (the chain).
         shape: input size (default 64×64, 40×48×40 in 3D): the regressor's FC layer fixes it.
         features, downsample_after: the siamese VGG-style tower (2× max pooling after the
             listed blocks).
@@ -309,7 +341,39 @@ class GeometricMatching(RegistrationMethod):
     ) -> None:
         super().__init__()
         check_option("ndim", ndim, (2, 3))
+        check_option("transform", transform, TRANSFORMS)
         shape = {2: (64, 64), 3: (40, 48, 40)}[ndim] if shape is None else shape
+        self.stages: nn.ModuleDict | None = None
+        self.model: GlobalTransformModel | None = None
+        if transform == "affine+tps":
+            kw = {
+                "ndim": ndim,
+                "shape": shape,
+                "features": features,
+                "downsample_after": downsample_after,
+                "norm": norm,
+                "coord_conv": coord_conv,
+                "regression_features": regression_features,
+                "regression_kernels": regression_kernels,
+                "grid_size": grid_size,
+                "loss_points": loss_points,
+                "linear_scale": linear_scale,
+                "translation_scale": translation_scale,
+                "displacement_scale": displacement_scale,
+                "normalize_correlation": normalize_correlation,
+            }
+            self.stages = nn.ModuleDict(
+                {t: GeometricMatching(transform=t, **kw) for t in STAGE_TRANSFORMS}
+            )
+            first, second = self.stages["affine"], self.stages["tps"]
+            self.shape, self.ndim, self.transform = first.shape, ndim, transform
+            self.resolve(
+                shape=self.shape,
+                translation_scale=first.config["translation_scale"],
+                displacement_scale=second.config["displacement_scale"],
+                grid_size=second.config["grid_size"],
+            )
+            return
         self.model = GlobalTransformModel(shape, transform, grid_size, loss_points)
         if self.model.ndim != ndim:
             raise ValueError(f"shape {tuple(shape)} is not {ndim}D")
@@ -364,6 +428,39 @@ class GeometricMatching(RegistrationMethod):
                 f"{tuple(moving.shape)}"
             )
 
+    @classmethod
+    def chain(cls, affine: GeometricMatching, tps: GeometricMatching) -> GeometricMatching:
+        """Rocco's chain of two trained stages (same architecture settings): the affine
+        network, then the TPS network on the affinely warped moving image."""
+        if affine.transform != "affine" or tps.transform != "tps":
+            raise ValueError(
+                f"chain: need an affine then a tps stage, got {affine.transform!r} and "
+                f"{tps.transform!r}"
+            )
+        config = {**affine.config, "transform": "affine+tps"}
+        config["displacement_scale"] = tps.config["displacement_scale"]
+        config["grid_size"] = tps.config["grid_size"]
+        chained = cls(**config)
+        for name, stage in (("affine", affine), ("tps", tps)):
+            try:
+                chained.stages[name].load_state_dict(stage.state_dict())
+            except RuntimeError as e:
+                raise ValueError(
+                    f"chain: the {name} stage's architecture differs from the affine "
+                    f"stage's settings ({str(e).splitlines()[0][:120]})"
+                ) from None
+        return chained
+
+    def initial_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A chain starts from a checkpoint of one stage (an affine or a TPS model: its
+        weights go to that stage, the other keeps its own) or of a chain."""
+        if self.stages is None or any(k.startswith("stages.") for k in state):
+            return state
+        fc = state.get("regressor.fc.weight")
+        d = self.ndim
+        stage = "affine" if fc is not None and fc.shape[0] == d * (d + 1) else "tps"
+        return {**self.state_dict(), **{f"stages.{stage}.{k}": v for k, v in state.items()}}
+
     def predict_params(self, fixed: Tensor, moving: Tensor) -> Tensor:
         """Transform parameters ``(N, *param_shape)`` (voxel index units of the grid)."""
         self.check_pair(fixed, moving)
@@ -374,11 +471,32 @@ class GeometricMatching(RegistrationMethod):
 
     def forward(self, fixed: Tensor, moving: Tensor, grid: Grid | None = None) -> MethodOutput:
         grid = unit_grid(fixed) if grid is None else grid
+        if self.stages is not None:
+            first = self.stages["affine"](fixed, moving, grid)
+            second = self.stages["tps"](fixed, first.warped, grid)  # fixed ≈ moving ∘ A ∘ S
+            pa, pt = first.extras["params"], second.extras["params"]
+            extras = {
+                "params": torch.cat([pa, pt.flatten(1)], 1),
+                "affine_params": pa,
+                "tps_params": pt,
+                "matrix": first.extras["matrix"],
+                "warped_affine": first.warped,
+            }
+            chained = TransformChain([second.transform, first.transform])
+            return MethodOutput(chained, grid, moving, extras)
         params = self.predict_params(fixed, moving)
         extras = {"params": params}
         if self.transform == "affine":
             extras["matrix"] = affine_matrix(params, self.shape)
         return MethodOutput(self.model.world_transform(params, grid), grid, moving, extras)
+
+    def chain_points(self, params: Tensor) -> Tensor:
+        """The chain's loss grid ``g`` mapped by ``A(S(g))`` ``(N, P, D)`` for chained
+        parameters ``(N, D(D+1) + K·D)``."""
+        assert self.stages is not None
+        pa, pt = split_affine_tps(params, self.ndim)
+        first, second = self.stages["affine"].model, self.stages["tps"].model
+        return first.map_points(pa, second.map_points(second.check_params(pt, "tps params")))
 
     def target(self, batch: RegistrationBatch) -> Tensor:
         """``batch.target`` as ``(N, *param_shape)`` (raises if absent or malformed)."""
@@ -392,13 +510,27 @@ class GeometricMatching(RegistrationMethod):
                 f"{self.name}: target has {batch.target.shape[0]} items, the batch "
                 f"{batch.fixed.shape[0]}"
             )
+        if self.stages is not None:
+            split_affine_tps(batch.target.flatten(1), self.ndim)  # raises if malformed
+            return batch.target.flatten(1).to(batch.fixed.dtype)
         return self.model.check_params(batch.target, "target").to(batch.fixed.dtype)
 
     def loss(self, batch: RegistrationBatch, output: MethodOutput) -> dict[str, Tensor]:
-        terms = self.model.grid_loss(output.extras["params"], self.target(batch))
-        return {"total": terms["grid_loss"], **terms}
+        if self.stages is None:
+            terms = self.model.grid_loss(output.extras["params"], self.target(batch))
+            return {"total": terms["grid_loss"], **terms}
+        a = self.chain_points(output.extras["params"])
+        b = self.chain_points(self.target(batch))
+        half = self.stages["affine"].model.half_extent.to(a.dtype)
+        sq = ((a - b) / half).square().sum(-1).mean()
+        error = LF.grid_point_distance(a.detach(), b.detach())
+        return {"total": sq, "grid_loss": sq, "grid_error": error}
 
     def transform_error(self, batch: RegistrationBatch, output: MethodOutput) -> Tensor:
         """Rocco's grid error per pair ``(N,)``: mean distance of the loss grid mapped by the
         predicted and the true transform, voxels of the network grid."""
+        if self.stages is not None:
+            a = self.chain_points(output.extras["params"])
+            b = self.chain_points(self.target(batch))
+            return LF.grid_point_distance(a, b, reduction="none")
         return self.model.grid_errors(output.extras["params"], self.target(batch))
