@@ -200,6 +200,40 @@ def test_hierarchy_composes_residuals_on_the_rewarped_image(heldout_batch) -> No
     assert trained == {id(p) for p in staged.stages[1].parameters()}
 
 
+def test_classification_head_quantizes_offsets_into_bins(heldout_batch) -> None:
+    """DeTone's classification network: 21 bins per coordinate, cross-entropy to the bin
+    of the true offset, the most probable bin's centre as prediction, a confidence per
+    corner; a few steps on one batch lower the cross-entropy (the head learns)."""
+    torch.manual_seed(0)
+    m = HomographyNet(**SMALL, head="classification", dropout=0.0)
+    full = heldout_batch
+    b = type(full)(full.fixed[:32], full.moving[:32], target=full.target[:32])
+    centres = m.bin_centres()
+    assert centres.shape == (21,) and float(centres[-1]) == m.offset_scale
+    # a true offset at a bin centre gets that bin; beyond the range, the end bins
+    t = torch.stack([centres[3], centres[17], 2 * centres[-1], -9.0 * centres[-1]] * 2)
+    assert m.target_bins(t.view(1, 4, 2)).tolist() == [[3, 17, 20, 0] * 2]
+    out = m(b.fixed, b.moving)
+    logits, conf = out.extras["logits"], out.extras["confidence"]
+    assert logits.shape == (32, 8, 21) and conf.shape == (32, 4)
+    assert bool(((conf > 0) & (conf <= 1)).all())
+    assert bool(torch.isin(out.extras["corners"], centres).all())
+    terms = m.loss(b, out)
+    want = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, 21), m.target_bins(b.target.view(-1, 4, 2)).flatten()
+    )
+    torch.testing.assert_close(terms["total"], want)
+    opt = torch.optim.Adam(m.parameters(), 1e-3)
+    for _ in range(15):
+        loss = m.loss(b, m(b.fixed, b.moving))["total"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(m.loss(b, m(b.fixed, b.moving))["total"]) < 0.9 * float(terms["total"])
+    with pytest.raises(ValueError, match="head"):
+        HomographyNet(**SMALL, head="ordinal")
+
+
 def test_bad_inputs_raise_value_error(heldout_batch) -> None:
     m = HomographyNet(**SMALL)
     x = heldout_batch.fixed[:2]

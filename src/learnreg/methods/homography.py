@@ -5,7 +5,9 @@
   (eight ``conv 3×3 → BN → ReLU`` layers of 64, 64, 64, 64, 128, 128, 128, 128 channels, 2×2
   max pooling after every two but the last pair, dropout 0.5, FC 1024, FC 8) on the
   channel-stacked patches regresses the eight corner offsets ``H_4pt``; supervised,
-  Euclidean (L2) loss against the known offsets.
+  Euclidean (L2) loss against the known offsets. ``head: classification`` is DeTone's
+  classification network: the same trunk, each offset coordinate quantized into 21 bins,
+  cross-entropy, a confidence per corner.
 * ``homography-unsupervised`` (Nguyen, Chen, Shivakumar, Taylor and Kumar, "Unsupervised
   Deep Homography", IEEE RA-L 2018): the same network; its corner offsets go through a
   differentiable direct linear transform (:meth:`learnreg.spatial.homography.Homography.
@@ -41,9 +43,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from learnreg.core.grid import Grid
+from learnreg.core.options import check_option
 from learnreg.methods.base import MethodOutput, RegistrationBatch, RegistrationMethod, unit_grid
 from learnreg.methods.registry import register_method
 from learnreg.nn.regression import ParameterRegressor
@@ -61,6 +65,7 @@ __all__ = [
 ]
 
 _DEFAULT_FEATURES = (32, 32, 32, 32, 64, 64, 64, 64)
+HEADS = ("regression", "classification")
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -172,7 +177,17 @@ class _CornerRegression(RegistrationMethod):
         return corner_error(output.extras["corners"], self.target_offsets(batch))
 
     def _regressor(
-        self, mode, features, hidden, dropout, norm, pooling, coord_conv, split, head_norm=None
+        self,
+        mode,
+        features,
+        hidden,
+        dropout,
+        norm,
+        pooling,
+        coord_conv,
+        split,
+        head_norm=None,
+        outputs: int = 8,
     ):
         feats = [int(f) for f in features]
         if len(feats) < 1:
@@ -190,7 +205,7 @@ class _CornerRegression(RegistrationMethod):
                 merge_downsample_after=[i - split for i in down if i >= split],
             )
         head = {"hidden": hidden, "dropout": dropout, "init_std": 1e-3, "norm": head_norm}
-        return ParameterRegressor(2, self.patch, 8, enc, head)
+        return ParameterRegressor(2, self.patch, outputs, enc, head)
 
 
 # ---------------------------------------------------------------------------- methods
@@ -199,7 +214,7 @@ class _CornerRegression(RegistrationMethod):
     year=2016,
     ndim="2D",
     transform="homography (4 corners)",
-    loss="L2 on corner offsets",
+    loss="L2 on corner offsets (or cross-entropy on quantized offsets)",
     supervision="supervised (synthetic homographies)",
     reference="DeTone et al., arXiv:1606.03798 (RSS workshop 2016)",
     aliases=("homographynet", "detone"),
@@ -220,6 +235,14 @@ class HomographyNet(_CornerRegression):
         standardize, head_norm: per-patch input standardization and batch normalization of
             the hidden fully connected layers, as :class:`HierarchicalHomographyNet` (off by
             default here: the two-channel network trains reliably without them).
+        head: ``"regression"`` (DeTone's regression network: 8 offsets, L2 loss) or
+            ``"classification"`` (DeTone's classification network: each of the 8 offset
+            coordinates quantized into ``bins`` bins over ``[−offset_scale, offset_scale]``,
+            a softmax per coordinate, cross-entropy to the bin of the true offset; the
+            prediction is the centre of the most probable bin, and ``extras["confidence"]``
+            ``(N, 4)`` the product of the two coordinates' top probabilities per corner,
+            DeTone's per-corner confidence).
+        bins: quantization bins per coordinate (DeTone: 21).
     """
 
     def __init__(
@@ -234,33 +257,75 @@ class HomographyNet(_CornerRegression):
         offset_scale: float | None = None,
         standardize: bool = False,
         head_norm: str | None = None,
+        head: str = "regression",
+        bins: int = 21,
     ) -> None:
         super().__init__()
+        check_option("head", head, HEADS)
+        if head == "classification" and int(bins) < 2:
+            raise ValueError(f"bins must be >= 2, got {bins}")
         self._setup(patch_size, offset_scale)
         self.standardize = bool(standardize)
+        self.head, self.bins = head, int(bins)
+        outputs = 8 if head == "regression" else 8 * self.bins
         self.net = self._regressor(
-            "two-channel", features, hidden, dropout, norm, pooling, coord_conv, None, head_norm
+            "two-channel",
+            features,
+            hidden,
+            dropout,
+            norm,
+            pooling,
+            coord_conv,
+            None,
+            head_norm,
+            outputs,
         )
+
+    def bin_centres(self, dtype=None, device=None) -> Tensor:
+        """Offsets (pixels) of the ``bins`` quantization bins, ``−offset_scale`` to
+        ``offset_scale``."""
+        return torch.linspace(-1.0, 1.0, self.bins, dtype=dtype, device=device) * self.offset_scale
+
+    def target_bins(self, offsets: Tensor) -> Tensor:
+        """The bin ``(N, 8)`` (int64) of each offset coordinate (clamped to the range)."""
+        t = (offsets.reshape(offsets.shape[0], 8) / self.offset_scale).clamp(-1, 1)
+        return torch.round((t + 1) / 2 * (self.bins - 1)).long()
 
     def predict_corners(self, fixed: Tensor, moving: Tensor) -> Tensor:
         """Corner offsets ``(N, 4, 2)`` in pixels."""
+        return self._predict(fixed, moving)[0]
+
+    def _predict(self, fixed: Tensor, moving: Tensor) -> tuple[Tensor, dict]:
         if self.standardize:
             fixed, moving = _standardized(fixed), _standardized(moving)
-        return self.net(fixed, moving).view(-1, 4, 2) * self.offset_scale
+        raw = self.net(fixed, moving)
+        if self.head == "regression":
+            return raw.view(-1, 4, 2) * self.offset_scale, {}
+        logits = raw.view(-1, 8, self.bins)
+        prob = logits.softmax(-1)
+        top, index = prob.max(-1)
+        offsets = self.bin_centres(raw.dtype, raw.device)[index].view(-1, 4, 2)
+        confidence = top.view(-1, 4, 2).prod(-1)
+        return offsets, {"logits": logits, "confidence": confidence}
 
     def forward(self, fixed: Tensor, moving: Tensor, grid: Grid | None = None) -> MethodOutput:
         self.check_pair(fixed, moving)
-        offsets = self.predict_corners(fixed, moving)
+        offsets, extras = self._predict(fixed, moving)
         h = corners_to_homography(offsets, self.patch).homogeneous()
-        out = self.output(moving, h, {}, unit_grid(fixed) if grid is None else grid)
-        out.extras["corners"] = offsets  # exactly the regressed values
+        out = self.output(moving, h, extras, unit_grid(fixed) if grid is None else grid)
+        out.extras["corners"] = offsets  # exactly the predicted values
         return out
 
     def loss(self, batch: RegistrationBatch, output: MethodOutput) -> dict[str, Tensor]:
         target = self.target_offsets(batch)
         pred = output.extras["corners"]
+        error = corner_error(pred, target).mean().detach()
+        if self.head == "classification":
+            logits = output.extras["logits"]
+            ce = F.cross_entropy(logits.reshape(-1, self.bins), self.target_bins(target).flatten())
+            return {"total": ce, "cross_entropy": ce, "corner_error": error}
         l2 = ((pred - target) / self.offset_scale).square().mean()
-        return {"total": l2, "l2": l2, "corner_error": corner_error(pred, target).mean().detach()}
+        return {"total": l2, "l2": l2, "corner_error": error}
 
 
 @register_method(
