@@ -30,10 +30,17 @@ an ITK matrix) last; each ``B_k`` is a :class:`~learnreg.spatial.BSplineTransfor
 ``moving`` is resampled once through it (no interpolation build-up). A B-spline field is
 zero outside the grid (ITK's convention), also where an earlier stage maps a point out of it.
 
-Scaled down for CPUs (documented, configurable): 16 kernels per layer (paper: 32), one hidden
-fully connected layer of 64 units, LeakyReLU(0.2) instead of ELU (the shared
-:class:`~learnreg.nn.blocks.ConvBlock`), spacings 8 and 4 voxels on a 4 mm grid (32 mm and
-16 mm). On LPBA40 at 8 mm, Adam with 3e-3 for the affine stage and 1e-3 for a B-spline
+Scaled down for CPUs (documented, configurable): 16 kernels per layer (paper: 32;
+``affine_features`` / ``bspline_features``), one hidden fully connected layer of 64 units,
+LeakyReLU(0.2) (paper: ELU, ``activation: elu``), spacings 8 and 4 voxels on a 4 mm grid
+(32 mm and 16 mm). **Patches.** The paper's B-spline ConvNet is patch-based: each control
+point's displacement is computed from the image patch around it (its receptive field), and
+training samples patches to fit GPU memory. The ConvNet here is the same fully
+convolutional function — convolutions, average poolings and 1×1 layers, so every control
+point's output depends only on its receptive field (measured with the default 5 layers: a
+patch of 38 voxels per axis for spacing 4, 62 for spacing 8) — evaluated on all patches of
+the image at once; on the 40×48×40
+volumes of the CPU recipe the whole image costs less than a batch of the paper's patches. On LPBA40 at 8 mm, Adam with 3e-3 for the affine stage and 1e-3 for a B-spline
 stage trained reliably; a B-spline stage at 3e-3 overshot.
 
 ``extras``: ``"affine"`` (index-space matrices ``(N, D+1, D+1)``), ``"affine_params"``
@@ -137,6 +144,7 @@ class AffineNet(nn.Module):
         hidden: widths of the fully connected layers before the output.
         norm: normalization of the conv layers (paper: batch normalization).
         coord_conv: CoordConv first layer (Liu et al. 2018).
+        activation: ``"elu"`` (paper) or ``"leaky_relu"`` (slope 0.2).
     """
 
     def __init__(
@@ -148,6 +156,7 @@ class AffineNet(nn.Module):
         hidden: Sequence[int] = (64,),
         norm: str | None = "batch",
         coord_conv: bool = False,
+        activation: str = "leaky_relu",
     ) -> None:
         super().__init__()
         if layers < 1 or not 0 <= downsamplings <= layers:
@@ -166,6 +175,7 @@ class AffineNet(nn.Module):
             norm=norm,
             coord_conv=coord_conv,
             negative_slope=0.2,
+            activation=activation,
         )
         nrot = ndim * (ndim - 1) // 2
         self.sizes = (ndim, nrot, ndim, nrot)  # translation, rotation, log-scale, shear
@@ -203,6 +213,7 @@ class BSplineNet(nn.Module):
         dense: int = 2,
         norm: str | None = "batch",
         coord_conv: bool = False,
+        activation: str = "leaky_relu",
     ) -> None:
         super().__init__()
         k = math.log2(spacing) if spacing >= 1 else -1.0
@@ -223,9 +234,13 @@ class BSplineNet(nn.Module):
             norm,
             coord_conv=coord_conv,
             negative_slope=0.2,
+            activation=activation,
         )
         self.dense = nn.Sequential(
-            *[ConvBlock(ndim, f, f, kernel_size=1, norm=norm) for _ in range(dense)]
+            *[
+                ConvBlock(ndim, f, f, kernel_size=1, norm=norm, activation=activation)
+                for _ in range(dense)
+            ]
         )
         self.out = conv_nd(ndim)(f, ndim, 1)
         nn.init.zeros_(self.out.weight)
@@ -265,6 +280,7 @@ class DLIR(RegistrationMethod):
         bspline_features, bspline_layers, bspline_dense: :class:`BSplineNet`.
         norm: conv normalization of every network (paper: ``"batch"``).
         coord_conv: CoordConv first layer in every network (Liu et al. 2018).
+        activation: of every conv layer: ``"elu"`` (paper) or ``"leaky_relu"`` (0.2).
         similarity: ``"ncc"`` (global NCC, the paper's) or ``"lncc"`` (``window`` voxels).
         window: LNCC window (odd).
         bending_weight: weight of the bending energy of each B-spline stage's dense field
@@ -286,6 +302,7 @@ class DLIR(RegistrationMethod):
         bspline_dense: int = 2,
         norm: str | None = "batch",
         coord_conv: bool = False,
+        activation: str = "leaky_relu",
         similarity: str = "ncc",
         window: int = 9,
         bending_weight: float = 1.0,
@@ -310,9 +327,19 @@ class DLIR(RegistrationMethod):
             affine_hidden,
             norm,
             coord_conv,
+            activation,
         )
         self.bspline_nets = nn.ModuleList(
-            BSplineNet(ndim, s, bspline_features, bspline_layers, bspline_dense, norm, coord_conv)
+            BSplineNet(
+                ndim,
+                s,
+                bspline_features,
+                bspline_layers,
+                bspline_dense,
+                norm,
+                coord_conv,
+                activation,
+            )
             for s in self.spacings
         )
         self.set_trainable_stages(

@@ -13,7 +13,16 @@ from torch import Tensor, nn
 
 from learnreg.core.options import check_option
 
-__all__ = ["NORMS", "conv_nd", "ConvBlock", "AddCoords", "CoordConv", "FlowHead", "InverseNetwork"]
+__all__ = [
+    "NORMS",
+    "ACTIVATIONS",
+    "conv_nd",
+    "ConvBlock",
+    "AddCoords",
+    "CoordConv",
+    "FlowHead",
+    "InverseNetwork",
+]
 
 NORMS = (None, "batch", "instance", "group")
 # FlowHead computes its conv tap by tap along axis 0 when k · out_channels fits one oneDNN
@@ -43,11 +52,15 @@ def _norm(kind: str | None, ndim: int, channels: int) -> nn.Module:
     return nn.GroupNorm(min(8, channels), channels)
 
 
+ACTIVATIONS = ("leaky_relu", "elu")
+
+
 class ConvBlock(nn.Module):
     """``conv (kernel 3, padding same) → [norm] → LeakyReLU(0.2)``, as VoxelMorph's conv block.
 
     ``stride=2`` halves every spatial size (even sizes). ``norm``: None, ``"batch"``,
-    ``"instance"`` or ``"group"`` (the conv then has no bias).
+    ``"instance"`` or ``"group"`` (the conv then has no bias). ``activation``:
+    ``"leaky_relu"`` (slope ``negative_slope``; 0 is the plain ReLU) or ``"elu"`` (DLIR's).
     """
 
     def __init__(
@@ -59,10 +72,12 @@ class ConvBlock(nn.Module):
         kernel_size: int = 3,
         norm: str | None = None,
         negative_slope: float = 0.2,
+        activation: str = "leaky_relu",
     ) -> None:
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        check_option("activation", activation, ACTIVATIONS)
         self.conv = conv_nd(ndim)(
             in_channels,
             out_channels,
@@ -72,7 +87,11 @@ class ConvBlock(nn.Module):
             bias=norm is None,
         )
         self.norm = _norm(norm, ndim, out_channels)
-        self.act = nn.LeakyReLU(negative_slope, inplace=True)
+        self.act: nn.Module = (
+            nn.LeakyReLU(negative_slope, inplace=True)
+            if activation == "leaky_relu"
+            else nn.ELU(inplace=True)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.act(self.norm(self.conv(x)))

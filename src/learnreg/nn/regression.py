@@ -69,6 +69,7 @@ class VGGEncoder(nn.Module):
         coord_conv: the first block is a :class:`~learnreg.nn.blocks.CoordConv` (normalized
             coordinate channels appended to the input).
         negative_slope: of the (leaky) ReLU; 0 is the plain ReLU of VGG.
+        activation: ``"leaky_relu"`` (with ``negative_slope``) or ``"elu"``.
     """
 
     def __init__(
@@ -81,6 +82,7 @@ class VGGEncoder(nn.Module):
         norm: str | None = "batch",
         coord_conv: bool = False,
         negative_slope: float = 0.0,
+        activation: str = "leaky_relu",
     ) -> None:
         super().__init__()
         check_option("pooling", pooling, POOLINGS)
@@ -102,7 +104,12 @@ class VGGEncoder(nn.Module):
         prev = self.in_channels
         for i, f in enumerate(feats):
             stride = 2 if (pooling == "stride" and i in down) else 1
-            opts = {"stride": stride, "norm": norm, "negative_slope": negative_slope}
+            opts = {
+                "stride": stride,
+                "norm": norm,
+                "negative_slope": negative_slope,
+                "activation": activation,
+            }
             if i == 0 and coord_conv:
                 layers.append(CoordConv(ndim, prev, f, **opts))
             else:
@@ -155,7 +162,7 @@ class PairEncoder(nn.Module):
         features, downsample_after: of the two-channel encoder, or of each tower.
         merge_features, merge_downsample_after: optional conv blocks applied to the
             concatenated tower features (siamese modes only; ignored by two-channel).
-        pooling, norm, coord_conv, negative_slope: as :class:`VGGEncoder` (CoordConv applies
+        pooling, norm, coord_conv, negative_slope, activation: as :class:`VGGEncoder` (CoordConv applies
             to the first block of each tower / of the two-channel encoder).
     """
 
@@ -172,11 +179,17 @@ class PairEncoder(nn.Module):
         norm: str | None = "batch",
         coord_conv: bool = False,
         negative_slope: float = 0.0,
+        activation: str = "leaky_relu",
     ) -> None:
         super().__init__()
         check_option("mode", mode, PAIR_MODES)
         self.ndim, self.mode, self.in_channels = ndim, mode, int(in_channels)
-        opts = {"pooling": pooling, "norm": norm, "negative_slope": negative_slope}
+        opts = {
+            "pooling": pooling,
+            "norm": norm,
+            "negative_slope": negative_slope,
+            "activation": activation,
+        }
         if mode == "two-channel":
             self.tower = VGGEncoder(
                 ndim,
