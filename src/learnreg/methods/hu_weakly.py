@@ -43,8 +43,10 @@ energy); ``stage="local"`` the local network alone on the unaligned pair (label-
 ``network_type``). The paper's own sizes (label-reg: global channels 8–128 with residual
 blocks and batch norm; local channels 32–512 with residual blocks and displacement summands
 from several levels) are scaled down for CPU training: plain conv blocks, global
-``(8, 16, 32, 64, 128)`` without normalization, a 3-level U-Net ``(16, 32, 32)`` and one
-full-resolution displacement head. All fields are in voxel units of the network grid.
+``(8, 16, 32, 64, 128)`` without normalization; the paper's local net is
+``local_net: residual`` (:class:`~learnreg.nn.local_net.LocalNet`, channels 16–64 for CPU),
+the default ``unet`` a 3-level U-Net ``(16, 32, 32)`` with one full-resolution displacement
+head. All fields are in voxel units of the network grid.
 
 Training recipe of ``benchmarks/prostate_hu.py`` (MR→TRUS prostate pairs on a 0.8 mm TRUS
 grid): the global stage first, then the composite with its global network initialized from
@@ -68,6 +70,7 @@ from learnreg.methods.base import MethodOutput, RegistrationBatch, RegistrationM
 from learnreg.methods.registry import register_method
 from learnreg.methods.voxelmorph import one_hot_union
 from learnreg.nn.blocks import FlowHead
+from learnreg.nn.local_net import LocalNet
 from learnreg.nn.regression import ParameterRegressor
 from learnreg.nn.unet import UNet
 from learnreg.spatial.affine import AffineTransform
@@ -80,6 +83,7 @@ from learnreg.spatial.sampling import warp
 __all__ = ["HuGlobalLocal", "STAGES", "REGULARIZERS", "affine_matrix", "label_masks"]
 
 STAGES = ("global", "local", "composite")
+LOCAL_NETS = ("unet", "residual")
 REGULARIZERS = ("bending", "diffusion")
 
 
@@ -154,6 +158,12 @@ class HuGlobalLocal(RegistrationMethod):
         scales: Gaussian σ (voxels) of the multi-scale Dice.
         reg_weight: weight of the regularizer of the local displacement.
         regularizer: ``"bending"`` (the paper's) or ``"diffusion"``.
+        local_net: ``"unet"`` (a VoxelMorph-style U-Net and one full-resolution
+            displacement head; ``enc_features``/``dec_features``) or ``"residual"`` (the
+            paper's local net, :class:`~learnreg.nn.local_net.LocalNet`: residual blocks,
+            summation skips, the displacement the sum of fields predicted at every level;
+            ``local_features``).
+        local_features: channels of the residual local net's levels (paper: 32–256).
 
     Extras: ``"affine_params"``, ``"affine_matrix"`` (index space, :func:`affine_matrix`) and
     ``"affine_displacement"`` (global stages),
@@ -174,11 +184,14 @@ class HuGlobalLocal(RegistrationMethod):
         scales: Sequence[float] = (0, 1, 2, 4, 8, 16),
         reg_weight: float = 0.5,
         regularizer: str = "bending",
+        local_net: str = "unet",
+        local_features: Sequence[int] = (16, 32, 32, 64),
     ) -> None:
         super().__init__()
         check_option("ndim", ndim, (2, 3))
         check_option("stage", stage, STAGES)
         check_option("regularizer", regularizer, REGULARIZERS)
+        check_option("local_net", local_net, LOCAL_NETS)
         if reg_weight < 0:
             raise ValueError(f"reg_weight must be >= 0, got {reg_weight}")
         if not scales or any(float(s) < 0 for s in scales):
@@ -190,6 +203,7 @@ class HuGlobalLocal(RegistrationMethod):
         self.global_net: ParameterRegressor | None = None
         self.unet: UNet | None = None
         self.flow: FlowHead | None = None
+        self.local_net: LocalNet | None = None
         if stage != "local":
             if shape is None or len(shape) != ndim:
                 raise ValueError(
@@ -214,7 +228,9 @@ class HuGlobalLocal(RegistrationMethod):
                 },
                 head={"hidden": (), "dropout": 0.0, "init_std": 0.0},
             )
-        if stage != "global":
+        if stage != "global" and local_net == "residual":
+            self.local_net = LocalNet(ndim, 2, local_features)
+        elif stage != "global":
             self.unet = UNet(ndim, 2, enc_features, dec_features, coord_conv=coord_conv)
             self.flow = FlowHead(ndim, self.unet.out_channels)
 
@@ -224,6 +240,8 @@ class HuGlobalLocal(RegistrationMethod):
 
     @property
     def size_multiple(self) -> int:
+        if self.local_net is not None:
+            return self.local_net.size_multiple
         return 1 if self.unet is None else self.unet.size_multiple
 
     def initial_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -263,10 +281,14 @@ class HuGlobalLocal(RegistrationMethod):
             extras["affine_params"], extras["affine_matrix"] = params, matrix
             extras["affine_displacement"] = affine.voxel_displacement(grid)
             parts.append(affine)
-        if self.unet is not None:
-            assert self.flow is not None
+        if self.unet is not None or self.local_net is not None:
             local_in = warp(moving, extras["affine_displacement"]) if parts else moving
-            local = self.flow(self.unet(torch.cat([local_in, fixed], 1)))
+            pair = torch.cat([local_in, fixed], 1)
+            if self.local_net is not None:
+                local = self.local_net(pair)
+            else:
+                assert self.unet is not None and self.flow is not None
+                local = self.flow(self.unet(pair))
             extras["local_displacement"] = local
             if parts:
                 extras["warped_affine"] = local_in
