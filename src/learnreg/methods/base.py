@@ -191,6 +191,11 @@ class RegistrationMethod(nn.Module):
         """Grid sizes must be multiples of this (``2**levels`` for a U-Net)."""
         return 1
 
+    init_methods: ClassVar[tuple[str, ...]] = ()
+    """Other methods whose checkpoints may start this one's training (``init:``), e.g. an
+    adversarial variant starting from the plain method's first stage; :meth:`initial_state`
+    maps their weights."""
+
     group_modules: ClassVar[dict[str, tuple[str, ...]]] = {}
     """Parameter groups beyond the main one: group name → attribute names of the submodules
     it trains (e.g. ``{"discriminator": ("discriminator",)}`` for an adversarial method);

@@ -160,7 +160,7 @@ _REQUIRED = ("format", "learnreg", "method", "step", "model")
 
 def load_checkpoint(
     path: str | os.PathLike,
-    expected_method: str | None = None,
+    expected_method: str | tuple[str, ...] | None = None,
     map_location: str | torch.device = "cpu",
 ) -> dict:
     """Load a checkpoint (always ``weights_only=True``) and check it.
@@ -168,7 +168,7 @@ def load_checkpoint(
     Raises:
         InputError: missing or corrupt file, not a learnreg checkpoint, written by an
             incompatible learnreg version or checkpoint format, or (with
-            ``expected_method``) a checkpoint of another method.
+            ``expected_method``, a name or several) a checkpoint of another method.
     """
     path = Path(path)
     if not path.is_file():
@@ -208,8 +208,8 @@ def load_checkpoint(
             f"{path}: written by learnreg {state['learnreg']}, incompatible with the installed "
             f"learnreg {__version__}"
         )
-    if expected_method is not None and state["method"] != expected_method:
-        raise InputError(
-            f"{path}: checkpoint of method {state['method']!r}, expected {expected_method!r}"
-        )
+    expected = (expected_method,) if isinstance(expected_method, str) else expected_method
+    if expected is not None and state["method"] not in expected:
+        want = " or ".join(map(repr, expected))
+        raise InputError(f"{path}: checkpoint of method {state['method']!r}, expected {want}")
     return state

@@ -460,15 +460,17 @@ class Trainer:
 
     def _load_initial_weights(self, source: str) -> None:
         """Start from the weights of the checkpoint or model file ``source`` of the same
-        method and architecture (fine-tuning), as the method's ``initial_state`` completes
-        them (staged training). Shipped model names are resolved to their file by the caller
+        method and architecture (fine-tuning), or of a method in the method's
+        ``init_methods`` (an earlier stage trained by another method), as the method's
+        ``initial_state`` completes them (staged training). Shipped model names are resolved to their file by the caller
         (``learnreg train``)."""
         path = Path(source)
         if path.is_dir() and (path / "model.pt").is_file():
             path = path / "model.pt"
         if not path.is_file():
             raise InputError(f"init {source}: no such checkpoint or model file")
-        state = load_checkpoint(path, expected_method=self.method_name)
+        sources = (self.method_name, *getattr(self.method, "init_methods", ()))
+        state = load_checkpoint(path, expected_method=sources)
         mine = self.method.state_dict()
         theirs = self.method.initial_state(state["model"])
         wrong = sorted(
