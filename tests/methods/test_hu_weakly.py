@@ -232,14 +232,14 @@ def test_brief_training_beats_identity_on_held_out_pairs(prostate, stage: str) -
 def test_paper_local_net_trains_on_held_out_pairs(prostate) -> None:
     """The paper's residual local net with multi-scale displacement summands, in the
     composite model. Measured (40 steps, seeds 0 / 1 / 2 of the weights): gland Dice 0.21 →
-    0.28 / 0.32 / 0.35, TRE 7.04 → 6.23 / 5.40 / 5.17 mm (the plain U-Net: 0.39–0.44)."""
+    0.53 / 0.51 / 0.52, TRE 7.04 → 3.38 / 3.49 / 3.33 mm (the plain U-Net: 0.39–0.44)."""
     train_set, test_set = prostate
     dice0, tre0 = score(None, test_set)
     method = build(train_set.grid.shape, local_net="residual", local_features=(8, 16))
     assert method.local_net is not None and method.unet is None
     dice1, tre1 = score(train(method, train_set, steps=40), test_set)
-    assert dice1 > dice0 + 0.05, (dice0, dice1)
-    assert tre1 < tre0 - 0.5, (tre0, tre1)
+    assert dice1 > dice0 + 0.2, (dice0, dice1)
+    assert tre1 < tre0 - 2.5, (tre0, tre1)
 
 
 # ---------------------------------------------------------------------------- issue-11 proof

@@ -44,7 +44,8 @@ energy); ``stage="local"`` the local network alone on the unaligned pair (label-
 blocks and batch norm; local channels 32–512 with residual blocks and displacement summands
 from several levels) are scaled down for CPU training: plain conv blocks, global
 ``(8, 16, 32, 64, 128)`` without normalization; the paper's local net is
-``local_net: residual`` (:class:`~learnreg.nn.local_net.LocalNet`, channels 16–64 for CPU),
+``local_net: residual`` (:class:`~learnreg.nn.local_net.LocalNet`, channels 16–32 and a
+64-channel bridge for CPU),
 the default ``unet`` a 3-level U-Net ``(16, 32, 32)`` with one full-resolution displacement
 head. All fields are in voxel units of the network grid.
 
@@ -185,7 +186,7 @@ class HuGlobalLocal(RegistrationMethod):
         reg_weight: float = 0.5,
         regularizer: str = "bending",
         local_net: str = "unet",
-        local_features: Sequence[int] = (16, 32, 32, 64),
+        local_features: Sequence[int] = (16, 32, 32),
     ) -> None:
         super().__init__()
         check_option("ndim", ndim, (2, 3))

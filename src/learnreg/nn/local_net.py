@@ -9,10 +9,9 @@ A residual U-Net whose displacement is the sum of fields predicted at several sc
   in groups of channels to the new width (label-reg's "additive upsampling"), plus the
   encoder features of that level (a summation skip), then a residual block;
 * **displacement**: a 3×3 conv on the bridge and on each decoder level predicts a field
-  ``(N, D, *S_k)`` in voxels of that level's grid; each is resized to the input grid, its
-  values scaled to input voxels (× 2^k), and the fields of the levels in ``ddf_levels`` are
-  summed (label-reg: all of them, ``[0, 1, 2, 3, 4]``). The heads start at zero, so the
-  first field is the identity.
+  ``(N, D, *S_k)`` (input voxels); each is resized to the input grid (linear), and the fields
+  of the levels in ``ddf_levels`` are summed (label-reg: all of them, ``[0, 1, 2, 3, 4]``).
+  The heads start at zero, so the first field is the identity.
 
 Batch norm after every conv but the displacement heads, ReLU activations, as label-reg.
 Channels: label-reg's ``32 · 2^k`` (32–512); smaller widths (``features``) for CPU.
@@ -153,6 +152,5 @@ class LocalNet(nn.Module):
             field = self.heads[str(level)](features[level])
             if level:
                 field = F.interpolate(field, size=size, mode=mode, align_corners=False)
-                field = field * 2**level  # voxels of level `level` → input voxels
             self.summands[level] = field
         return sum(self.summands.values())  # type: ignore[return-value]
