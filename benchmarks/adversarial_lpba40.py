@@ -72,8 +72,15 @@ class TimeUp(Exception):
     """Raised by the trainer's callback when the wall-time budget is spent."""
 
 
-def train_config(name: str, steps: int, seed: int, train: list[str], out: Path) -> TrainConfig:
+def train_config(
+    name: str, steps: int, seed: int, train: list[str], out: Path, overrides: dict | None = None
+) -> TrainConfig:
+    """The run's config; ``overrides``: ``{"method_config": {...}, "optimizer": {...}}``
+    merged into the method's (``--fan-overrides``)."""
     method, config, optimizer = METHODS[name]
+    overrides = overrides or {}
+    config = {**config, **overrides.get("method_config", {})}
+    optimizer = {**optimizer, **overrides.get("optimizer", {})}
     return TrainConfig.from_dict(
         {
             "method": method,
@@ -101,9 +108,11 @@ def train_config(name: str, steps: int, seed: int, train: list[str], out: Path) 
     )
 
 
-def run_network(name: str, steps: int, seconds: float | None, seed: int, train, out) -> dict:
+def run_network(
+    name: str, steps: int, seconds: float | None, seed: int, train, out, overrides=None
+) -> dict:
     """Train ``name`` (``steps``, or as many as ``seconds`` of training allow) and score it."""
-    cfg = train_config(name, 10**9 if seconds else steps, seed, train, out)
+    cfg = train_config(name, 10**9 if seconds else steps, seed, train, out, overrides)
     torch.manual_seed(seed)
     method = create_method(cfg.method, **cfg.method_config)
     train_set, val = build_datasets(cfg)
@@ -166,17 +175,26 @@ def main(argv=None) -> None:
     p.add_argument("--train", nargs="+", default=list(LPBA_TRAIN))
     p.add_argument("--methods", nargs="*", default=list(METHODS))
     p.add_argument("--output", type=Path, default=OUT / "adversarial_lpba40.json")
+    p.add_argument(
+        "--fan-overrides",
+        type=json.loads,
+        default={},
+        help='JSON merged into fan-adversarial\'s recipe, e.g. \'{"optimizer": {"groups": '
+        '{"discriminator": {"lr": 1e-4, "every": 2}}}}\'',
+    )
     p.add_argument("--run", help=argparse.SUPPRESS)
     p.add_argument("--seconds", type=float, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     runs = a.output.with_suffix("")
     if a.run:
-        result = run_network(a.run, a.steps, a.seconds, a.seed, a.train, runs)
+        overrides = a.fan_overrides if a.run == "fan-adversarial" else None
+        result = run_network(a.run, a.steps, a.seconds, a.seed, a.train, runs, overrides)
         print(json.dumps(result))
         return
     results = [identity_row(a.train, runs)]
     args = ["--steps", str(a.steps), "--seed", str(a.seed), "--train", *a.train]
+    args += ["--fan-overrides", json.dumps(a.fan_overrides)]
     run_networks(__file__, a.methods, [*args, "--output", str(a.output)], results)
     table = summary(results, None)
     write_report(a.output, a, table, results, protocol=__doc__.split("\n\n")[1])

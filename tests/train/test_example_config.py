@@ -46,3 +46,29 @@ def test_example_trains_and_reuses_its_prealignments(data_root: Path, tmp_path: 
     finally:
         os.environ["LEARNREG_CACHE"] = old
     assert len(list((cache / "prealign").glob("affine-*.mat"))) == 5
+
+
+def test_adversarial_example_trains_both_networks(data_root: Path, tmp_path: Path):
+    """The GAN example: `learnreg train` steps the discriminator every 2nd step at its own
+    learning rate and logs both losses; a resumed run continues from both optimizers."""
+    from learnreg.train.checkpoint import load_checkpoint
+
+    example = EXAMPLE.parent / "ants2d-fan-adversarial.yaml"
+    config = yaml.safe_load(example.read_text(encoding="utf-8"))
+    config["data"]["images"] = str(data_root / "ants2d")
+    config["data"]["prealign"] = None
+    path = tmp_path / "gan.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    out = tmp_path / "run"
+    for steps, resume in ((3, []), (4, ["--resume"])):  # 3 steps, then resumed to 4
+        res = CliRunner().invoke(
+            app,
+            ["train", str(path), "-o", str(out), *resume, "--set", f"steps={steps}"]
+            + ["--set", "checkpoint_every=1", "--set", "log_every=1", "--set", "val_every=100"],
+        )
+        assert res.exit_code == 0, (res.output, res.exception)
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert int(state["optimizer"]["model"]["state"][0]["step"]) == 4
+    assert int(state["optimizer"]["discriminator"]["state"][0]["step"]) == 2
+    header = (out / "log.csv").read_text(encoding="utf-8").splitlines()[0].split(",")
+    assert {"adversarial", "total", "total_discriminator"} <= set(header)
