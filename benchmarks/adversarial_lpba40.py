@@ -6,8 +6,8 @@ thread, seed 0; one RAS network grid of 40×48×40 over S01's field of view, 4 m
 ``data.shape: [40, 48, 40]`` gives — the grid of ``dense_fields_3d.py``):
 
 * ``fan-adversarial``: S01 (fixed) ← S11–S34 (moving), no labels; generator lr 1e-3,
-  discriminator lr 1e-4, diffusion weight 10, patch discriminator (the method's recipe),
-  batch 2, ``--steps`` steps;
+  discriminator lr 1e-4 and one discriminator update per two generator updates, diffusion
+  weight 10, patch discriminator (the method's recipe), batch 2, ``--steps`` steps;
 * ``voxelmorph`` (unsupervised, diffeomorphic: LNCC window 5 + diffusion 1, 7 integration
   steps, no labels): the same pairs, same U-Net, for Fan's training wall time;
 * scored on S01 ← S35–S40 (LPBA40's validation subjects in this project: never trained on,
@@ -53,7 +53,7 @@ METHODS = {
     "fan-adversarial": (
         "fan-adversarial",
         UNET,
-        {"lr": 1e-3, "groups": {"discriminator": {"lr": 1e-4}}},
+        {"lr": 1e-3, "groups": {"discriminator": {"lr": 1e-4, "every": 2}}},
     ),
     "voxelmorph (same time)": (
         "voxelmorph",
