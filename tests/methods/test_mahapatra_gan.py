@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from learnreg.data.datasets import collate_pairs
-from learnreg.io.images import write_image
 from learnreg.losses.adversarial import discriminator_loss, generator_loss
 from learnreg.losses.functional import l1, mutual_information, ssim
 from learnreg.methods.base import RegistrationBatch
@@ -23,7 +22,7 @@ from learnreg.spatial.sampling import warp
 from learnreg.train.config import TrainConfig
 from learnreg.train.trainer import Trainer, build_datasets
 
-from .._lpba_slices import axial_slices
+from .._lpba_slices import write_slice_folders
 
 SMALL = {
     "enc_features": [8, 16, 16],
@@ -41,13 +40,7 @@ VAL = ["S35", "S36", "S37", "S38"]
 def slices(lpba, tmp_path_factory) -> Path:
     """The middle axial slices of the atlas, training and validation subjects as 2D NIfTI
     images and label maps (1 mm)."""
-    images, labels = axial_slices(lpba, ["S01", *TRAIN, *VAL])
-    root = tmp_path_factory.mktemp("lpba-slices")
-    for folder, source in (("images", images), ("labels", labels)):
-        (root / folder).mkdir()
-        for name, image in source.items():
-            write_image(image, root / folder / f"{name}.nii.gz")
-    return root
+    return write_slice_folders(lpba, ["S01", *TRAIN, *VAL], tmp_path_factory.mktemp("slices"))
 
 
 def config(root: Path, out: Path, steps: int, seed: int = 0, **optimizer) -> TrainConfig:
