@@ -99,8 +99,11 @@ def test_training_aligns_validation_pairs(slices: Path, tmp_path: Path) -> None:
     cfg = config(slices, tmp_path, steps=200, val_every=200, checkpoint_every=200)
     torch.manual_seed(0)
     method = create_method("fan-adversarial", **SMALL)
-    summary = Trainer(cfg, method, *build_datasets(cfg)).fit()
+    trainer = Trainer(cfg, method, *build_datasets(cfg))
+    untrained = trainer.validate()["val_dice"]
+    summary = trainer.fit()
     identity = summary["identity_dice"]
+    assert untrained == pytest.approx(identity, abs=1e-3)  # the untrained network: identity
     assert summary["validation"]["val_dice"] > identity + 0.02, summary
     log = (tmp_path / "log.csv").read_text().splitlines()
     assert {"adversarial", "discriminator", "total_discriminator"} <= set(log[0].split(","))
