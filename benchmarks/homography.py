@@ -76,10 +76,11 @@ NET = {
     "hidden": [128],
     "dropout": 0.0,
 }
-METHODS = {
-    "homography-net": {},
-    "homography-unsupervised": {},
-    "homography-hierarchical": {"levels": 2},
+METHODS = {  # label → (method, its config beyond NET)
+    "homography-net": ("homography-net", {}),
+    "homography-net-classification": ("homography-net", {"head": "classification"}),
+    "homography-unsupervised": ("homography-unsupervised", {}),
+    "homography-hierarchical": ("homography-hierarchical", {"levels": 2}),
 }
 
 
@@ -237,7 +238,7 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=6400, help="distinct training pairs")
     ap.add_argument("--pairs", type=int, default=1000, help="held-out photo pairs")
     ap.add_argument("--brain-pairs", type=int, default=200, help="held-out brain pairs")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--log-every", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
@@ -265,8 +266,8 @@ def main() -> None:
         )
 
     training: dict = {}
-    for name in args.methods:
-        extra = METHODS[name]
+    for label in args.methods:
+        name, extra = METHODS[label]
         log(f"training {name}")
         if name == "homography-hierarchical":  # Nowruzi's schedule, one module after the other
             _, first, ckpt = train_stage(
@@ -286,19 +287,19 @@ def main() -> None:
                 "cpu_s": round(first["cpu_s"] + second["cpu_s"], 1),
             }
         else:
-            method, info, _ = train_stage(name, extra, args.steps, args, name)
-        training[name] = info
-        results[name] = {}
+            method, info, _ = train_stage(name, extra, args.steps, args, label)
+        training[label] = info
+        results[label] = {}
         for tname, test in tests.items():
             stats, ms = evaluate_network(method, test)
-            results[name][tname] = {**stats, "ms_per_pair": round(ms, 2)}
+            results[label][tname] = {**stats, "ms_per_pair": round(ms, 2)}
             if name == "homography-hierarchical":  # module 1 alone, for reference
                 single = HierarchicalHomographyNet(**NET, levels=1)
                 single.stages[0].load_state_dict(method.stages[0].state_dict())
                 s1, _ = evaluate_network(single, test)
-                results[name][tname]["module_1_mean"] = s1["mean"]
+                results[label][tname]["module_1_mean"] = s1["mean"]
         log(
-            f"{name}: {results[name]['photos']['mean']:.2f} px on held-out photos "
+            f"{label}: {results[label]['photos']['mean']:.2f} px on held-out photos "
             f"({info['wall_s']:.0f} s wall, {info['cpu_s']:.0f} s CPU)"
         )
 
