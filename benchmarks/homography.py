@@ -126,12 +126,15 @@ def test_sets(args) -> dict:
 
 
 # ---------------------------------------------------------------------------- training
-def train_stage(name: str, method_config: dict, steps: int, args, label: str, init=None):
-    """One ``learnreg train`` run of ``steps``; returns the trained method and timings."""
+def train_stage(
+    name: str, method_config: dict, steps: int, args, label: str, init=None, source=None
+):
+    """One ``learnreg train`` run of ``steps`` on ``source`` (default :func:`pool_source`);
+    returns the trained method, timings and its last checkpoint."""
     config = train_config(
         name,
         {**NET, **method_config},
-        pool_source(args),
+        pool_source(args) if source is None else source,
         optimizer={"lr": args.lr},
         steps=steps,
         batch_size=args.batch,

@@ -94,6 +94,30 @@ def test_pair_matches_independent_projective_warp(photos) -> None:
         np.testing.assert_allclose(item["fixed"][0].numpy(), ref, atol=1e-4)
 
 
+def test_pairs_with_context_are_the_grown_projective_warp(photos) -> None:
+    """context=c: both items cover the patch grown by c; fixed(x) = I(p + T(x − c)) and moving
+    the grown crop, checked with skimage; target and homography are on the grown grid."""
+    c, size = 8, 64 + 16
+    ds = HomographyPairs(photos, length=3, patch_size=64, rho=16, seed=4, context=c)
+    k, origin, offsets = ds.draw(2)
+    item = ds[2]
+    assert item["fixed"].shape == item["moving"].shape == (1, size, size)
+    img = ds.images[k].double().numpy()
+    p = origin.numpy().astype(int)
+    np.testing.assert_array_equal(
+        item["moving"][0].numpy(), img[p[0] - c : p[0] - c + size, p[1] - c : p[1] - c + size]
+    )
+    corners = patch_corners(64, torch.float64).numpy()
+    tform = _projective(_xy(corners + c), _xy(corners + offsets.numpy() + p))
+    ref = sk_warp(img, tform, output_shape=(size, size), order=1, mode="constant")
+    np.testing.assert_allclose(item["fixed"][0].numpy(), ref, atol=1e-4)
+    grown = patch_corners(size, torch.float64).numpy()
+    moved = tform(_xy(grown))[:, ::-1] - (p - c)  # grown corners in moving-item index
+    np.testing.assert_allclose(item["target"].numpy(), moved - grown, atol=1e-3)
+    with pytest.raises(ValueError, match="context"):
+        HomographyPairs(photos, length=3, patch_size=64, downsample=2, context=3)
+
+
 def test_downsampled_pairs_are_the_same_pairs(photos) -> None:
     full = HomographyPairs(photos, length=4, patch_size=64, rho=16, seed=2)
     half = HomographyPairs(photos, length=4, patch_size=64, rho=16, seed=2, downsample=2)

@@ -13,6 +13,7 @@ from learnreg.methods.homography import (
     HierarchicalHomographyNet,
     HomographyNet,
     UnsupervisedHomographyNet,
+    _standardized,
     corner_error,
     corners_to_homography,
     patch_corners,
@@ -43,6 +44,13 @@ def train_pairs() -> HomographyPairs:
 @pytest.fixture(scope="module")
 def heldout_batch():
     ds = HomographyPairs(photo_images("heldout"), length=128, seed=123, **PAIRS)
+    return collate_pairs([ds[i] for i in range(len(ds))])
+
+
+@pytest.fixture(scope="module")
+def photos_with_context():
+    """Held-out pairs with 16 px (8 network voxels) of image around the 32×32 patch."""
+    ds = HomographyPairs(photo_images("heldout"), length=4, seed=5, context=16, **PAIRS)
     return collate_pairs([ds[i] for i in range(len(ds))])
 
 
@@ -200,6 +208,42 @@ def test_hierarchy_composes_residuals_on_the_rewarped_image(heldout_batch) -> No
     assert trained == {id(p) for p in staged.stages[1].parameters()}
 
 
+def test_hierarchy_recrops_from_the_context(photos_with_context) -> None:
+    """With context, module 0 made exact: module 1's re-cropped moving patch is the fixed patch
+    up to interpolation everywhere (no black borders), the re-warped one has zeros; both see
+    the same module-0 input and the output transform is the grown grid's homography."""
+    b, c = photos_with_context, 8
+    kw = {**SMALL, "context": c}
+    models = {r: HierarchicalHomographyNet(levels=2, recrop=r, **kw).eval() for r in (1, 0)}
+    models[0].load_state_dict(models[1].state_dict())
+    seen = {}
+    for recrop, m in models.items():
+        assert m.input_shape == (48, 48)
+        # module 0 predicts the true offsets at the patch corners (from the grown target)
+        grown = patch_corners(48, torch.float64)[None]
+        h = Homography.from_corners(grown, grown + b.target[:1].double()).homogeneous()
+        shift = torch.eye(3, dtype=torch.float64)
+        shift[:2, 2] = c
+        inner = torch.linalg.inv(shift) @ h @ shift
+        corners = patch_corners(32, torch.float64)[None]
+        delta = (Homography.from_matrix(inner)(corners) - corners).float()
+        with torch.no_grad():
+            m.stages[0].head.out.weight.zero_()
+            m.stages[0].head.out.bias.copy_(delta[0].flatten() / m.level_scale(0))
+        inputs = []
+        hook = m.stages[1].register_forward_hook(lambda mod, a, out, seen=inputs: seen.append(a[1]))
+        item = type(b)(b.fixed[[0, 0]], b.moving[[0, 0]], target=b.target[[0, 0]])
+        out = m(item.fixed, item.moving)
+        hook.remove()
+        seen[recrop] = inputs[0][0, 0]
+        torch.testing.assert_close(out.extras["corners"][0], b.target[0], atol=1e-3, rtol=0)
+        losses = m.loss(item, out)
+        assert float(losses["l2_0"].detach()) < 1e-9 and float(losses["corner_error_0"]) < 1e-3
+    fixed = _standardized(b.fixed[:1, :, c:-c, c:-c])[0, 0]
+    assert (seen[1] - fixed).abs().mean() < 0.15
+    assert (seen[1] - fixed).abs().mean() < 0.5 * (seen[0] - fixed).abs().mean()
+
+
 def test_classification_head_quantizes_offsets_into_bins(heldout_batch) -> None:
     """DeTone's classification network: 21 bins per coordinate, cross-entropy to the bin
     of the true offset, the most probable bin's centre as prediction, a confidence per
@@ -229,7 +273,7 @@ def test_classification_head_quantizes_offsets_into_bins(heldout_batch) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert float(m.loss(b, m(b.fixed, b.moving))["total"]) < 0.9 * float(terms["total"])
+    assert float(m.loss(b, m(b.fixed, b.moving))["total"].detach()) < 0.9 * float(terms["total"])
     with pytest.raises(ValueError, match="head"):
         HomographyNet(**SMALL, head="ordinal")
 

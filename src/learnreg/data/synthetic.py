@@ -276,6 +276,13 @@ class HomographyPairs(Dataset):
         downsample: integer factor by which both patches are area-averaged (``target`` is on
             the coarse grid); ``patch_size`` must be divisible by it.
         seed: seed of the whole set.
+        context: full-resolution pixels of image around the patch in both items (default
+            0): the items cover the patch grown by ``context`` on every side, ``fixed`` the
+            perturbed quadrilateral's homography continued there, ``moving`` the larger plain
+            crop, so a network can re-crop the moving patch anywhere near it (Nowruzi et al.'s
+            hierarchy) instead of re-warping a patch with black borders. ``target`` and
+            ``homography`` are on the grown grid (corners of the grown grid); the patch is
+            its centre, ``context / downsample`` voxels from every border.
         preprocessor: how a new image pair is put on the network grid at prediction time
             (its network shape must be the patch grid's); default: a grid of the patch size
             over the fixed image's field of view, no intensity normalization.
@@ -298,6 +305,7 @@ class HomographyPairs(Dataset):
         rho: float = 32.0,
         downsample: int = 1,
         seed: int = 0,
+        context: int = 0,
         preprocessor: Preprocessor | None = None,
     ) -> None:
         if not images:
@@ -313,9 +321,14 @@ class HomographyPairs(Dataset):
                 f"HomographyPairs: downsample ({downsample}) must be a positive divisor of "
                 f"patch_size ({patch_size})"
             )
+        if context < 0 or context % downsample:
+            raise ValueError(
+                f"HomographyPairs: context ({context}) must be >= 0 and divisible by "
+                f"downsample ({downsample})"
+            )
         self.names = list(images)
         self.images = []
-        margin = int(np.ceil(rho))
+        margin = int(np.ceil(rho)) + int(context)
         for n in self.names:
             img = torch.as_tensor(images[n]).float()
             if img.dim() != 2:
@@ -325,12 +338,13 @@ class HomographyPairs(Dataset):
             if min(img.shape) < patch_size + 2 * margin:
                 raise ValueError(
                     f"HomographyPairs: image {n!r} of size {tuple(img.shape)} is smaller than "
-                    f"patch_size + 2 rho = {patch_size + 2 * margin}"
+                    f"patch_size + 2 (rho + context) = {patch_size + 2 * margin}"
                 )
             self.images.append(img.contiguous())
         self.length, self.patch_size, self.rho = int(length), int(patch_size), float(rho)
         self.downsample, self.seed, self.margin = int(downsample), int(seed), margin
-        self.size = self.patch_size // self.downsample
+        self.context = int(context)
+        self.size = (self.patch_size + 2 * self.context) // self.downsample
         self.grid = Grid((self.size, self.size))
         if preprocessor is None:
             preprocessor = Preprocessor(NetworkGrid(shape=self.grid.shape), percentiles=None)
@@ -340,8 +354,9 @@ class HomographyPairs(Dataset):
                 f"{preprocessor.network.shape} is not the patch grid {self.grid.shape}"
             )
         self.preprocessor = preprocessor
-        pts = Grid((self.patch_size, self.patch_size)).index_points(torch.float64)
-        self._points = pts.reshape(1, -1, 2)  # full-resolution patch voxels (P², 2)
+        full = self.patch_size + 2 * self.context
+        pts = Grid((full, full)).index_points(torch.float64) - self.context
+        self._points = pts.reshape(1, -1, 2)  # full-resolution item voxels in patch index
         self._corners = patch_corners(self.patch_size, torch.float64)[None]
         f = float(self.downsample)
         # coarse voxel x covers full voxels f x + (f - 1)/2
@@ -377,12 +392,16 @@ class HomographyPairs(Dataset):
         k, origin, offsets = self.draw(int(index))
         img = self.images[k][None, None]
         t = Homography.from_corners(self._corners, self._corners + offsets[None])
-        pts = origin + t(self._points)  # (1, P², 2) full-resolution image index
-        p = self.patch_size
+        pts = origin + t(self._points)  # full-resolution image index of the item's voxels
+        p, c = self.patch_size + 2 * self.context, self.context
         fixed = sample_index(img.double(), pts.view(1, p, p, 2)).float()[0]
-        i, j = int(origin[0]), int(origin[1])
+        i, j = int(origin[0]) - c, int(origin[1]) - c
         moving = img[0, :, i : i + p, j : j + p].clone()
         h = t.homogeneous()[0]
+        if c:  # on the grown grid: x ↦ T(x − c) + c
+            shift = torch.eye(3, dtype=h.dtype)
+            shift[:2, 2] = c
+            h = shift @ h @ torch.linalg.inv(shift)
         if self.downsample > 1:
             f = self.downsample
             fixed, moving = F.avg_pool2d(fixed, f), F.avg_pool2d(moving, f)
@@ -429,6 +448,7 @@ _HOMOGRAPHY_DEFAULTS = {
     "seed": 0,
     "val_length": 256,
     "val_seed": None,
+    "context": 0,
 }
 
 
@@ -444,7 +464,8 @@ def homography_source(
     ``folder`` (of the brain slices), ``patch_size`` (full-resolution patch; default the
     network size × ``downsample``), ``rho`` (default ``patch_size / 4``, DeTone's 32 for 128),
     ``downsample`` (1), ``length`` (10000), ``seed`` (0), ``val_length`` (256), ``val_seed``
-    (``seed + 1``). The network size is ``data.shape`` or the method's input shape; source
+    (``seed + 1``), ``context`` (0: full-resolution pixels of image around the patch,
+    :class:`HomographyPairs`). The network size is ``data.shape`` or the method's input shape; source
     images are normalized with ``data.percentiles`` as inputs are at prediction.
     """
     o = source_options("homography", options, _HOMOGRAPHY_DEFAULTS)
@@ -456,18 +477,19 @@ def homography_source(
                 "config data.synthetic (homography): give patch_size, or data.shape / a "
                 f"fixed-size method with a square 2D input (network shape {net.shape})"
             )
-        o["patch_size"] = int(net.shape[0]) * down
-    patch = int(o["patch_size"])
-    if down < 1 or patch % down:
+        o["patch_size"] = int(net.shape[0]) * down - 2 * int(o["context"])
+    patch, context = int(o["patch_size"]), int(o["context"])
+    if down < 1 or patch % down or context % down or context < 0:
         raise InputError(
             f"config data.synthetic (homography): downsample ({down}) must divide "
-            f"patch_size ({patch})"
+            f"patch_size ({patch}) and context ({context} >= 0)"
         )
-    shape = (patch // down,) * 2
+    shape = ((patch + 2 * context) // down,) * 2
     if net.shape is not None and tuple(net.shape) != shape:
         raise InputError(
-            f"config data.synthetic (homography): patches of {patch} px downsampled "
-            f"{down}× are {shape}, the network grid is {tuple(net.shape)}"
+            f"config data.synthetic (homography): patches of {patch} px with {context} px of "
+            f"context, downsampled {down}×, are {shape}; the network grid is "
+            f"{tuple(net.shape)}"
         )
     pre = Preprocessor(
         NetworkGrid(shape, net.spacing, net.orientation, 0),
@@ -479,6 +501,7 @@ def homography_source(
         "patch_size": patch,
         "rho": patch / 4 if o["rho"] is None else float(o["rho"]),
         "downsample": down,
+        "context": context,
         "preprocessor": pre,
     }
     seed = int(o["seed"])
