@@ -53,6 +53,7 @@ from learnreg.core.grid import Grid  # noqa: E402
 from learnreg.core.image import Image  # noqa: E402
 from learnreg.data.perturb import PerturbedPairs, RandomPerturbation, params_to_matrix  # noqa: E402
 from learnreg.data.preprocess import NetworkGrid, Preprocessor  # noqa: E402
+from learnreg.eval.statistics import bootstrap_ci  # noqa: E402
 from learnreg.io.images import read_image, read_labels  # noqa: E402
 from learnreg.methods.dlir import DLIR  # noqa: E402
 from learnreg.optimize.classical import register  # noqa: E402
@@ -65,16 +66,18 @@ from learnreg.spatial.sampling import resample  # noqa: E402
 log = logging.getLogger("dlir_lpba40")
 
 
-def dlir_transforms(model: DLIR, fixed: torch.Tensor, moving: torch.Tensor, grid: Grid) -> dict:
+def dlir_transforms(
+    model: DLIR, fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, prefix: str = "dlir"
+) -> dict:
     """DLIR's world transforms (fixed → moving) after each stage, and the seconds taken."""
     t0 = time.perf_counter()
     with torch.no_grad():
         out = model.predict(fixed[None], moving[None], grid)
     seconds = time.perf_counter() - t0
     _, affine = split_linear(out.transform)  # the affine stage: the chain's last transform
-    res = {"dlir affine": (affine, None, seconds)}
+    res = {f"{prefix} affine": (affine, None, seconds)}
     if model.spacings:
-        name = f"dlir affine + B-spline {'+'.join(map(str, model.spacings))}"
+        name = f"{prefix} affine + B-spline {'+'.join(map(str, model.spacings))}"
         det = jacobian_determinant(out.displacement)[0]  # of the whole 4 mm map
         res[name] = (out.transform, det, seconds)
     return res
@@ -106,6 +109,13 @@ def main(argv=None) -> None:
     p.add_argument("--pairs", type=int, default=2, help="perturbations per test subject")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=["16:leaky_relu"],
+        metavar="KERNELS:ACTIVATION",
+        help="networks to train and compare in this run, e.g. 16:leaky_relu 32:elu (paper)",
+    )
     p.add_argument("--output", type=Path, default=an.OUT / "dlir_lpba40.json")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -130,28 +140,40 @@ def main(argv=None) -> None:
         "length": max(a.affine_steps, a.bspline_steps) * a.batch,  # one dataset, every stage
     }
     runs_dir = a.output.with_suffix("")
-    method_config = {"ndim": 3, "bspline_spacings": list(a.spacings)}
-    training = {}
+    training, models = {}, {}
     datasets = None
-    init = None
-    for k in range(1 + len(a.spacings)):  # DLIR's stage-wise schedule, one run per stage
-        steps, lr = (a.affine_steps, a.affine_lr) if k == 0 else (a.bspline_steps, a.bspline_lr)
-        name = "affine" if k == 0 else f"B-spline {a.spacings[k - 1]}"
-        cfg = an.train_config(
-            "dlir",
-            {**method_config, "trainable_stages": [k]},
-            synthetic,
-            a.spacing,
-            steps,
-            lr,
-            a.batch,
-            a.seed + k,  # each stage its own order of the random perturbations
-            runs_dir / f"stage{k}",
-            init,
-        )
-        model, training[name], datasets = an.fit(cfg, datasets)
-        init = str(runs_dir / f"stage{k}" / "checkpoints" / "last.pt")
-    assert isinstance(model, DLIR) and datasets[0].grid.allclose(grid)
+    for variant in a.variants:
+        kernels, activation = variant.split(":")
+        # one label per variant when several are compared; plain "dlir" for the default run
+        label = "dlir" if len(a.variants) == 1 else f"dlir {kernels} kernels {activation}"
+        method_config = {
+            "ndim": 3,
+            "bspline_spacings": list(a.spacings),
+            "affine_features": int(kernels),
+            "bspline_features": int(kernels),
+            "activation": activation,
+        }
+        init = None
+        folder = runs_dir if len(a.variants) == 1 else runs_dir / variant.replace(":", "-")
+        for k in range(1 + len(a.spacings)):  # DLIR's stage-wise schedule, one run per stage
+            steps, lr = (a.affine_steps, a.affine_lr) if k == 0 else (a.bspline_steps, a.bspline_lr)
+            name = "affine" if k == 0 else f"B-spline {a.spacings[k - 1]}"
+            cfg = an.train_config(
+                "dlir",
+                {**method_config, "trainable_stages": [k]},
+                synthetic,
+                a.spacing,
+                steps,
+                lr,
+                a.batch,
+                a.seed + k,  # each stage its own order of the random perturbations
+                folder / f"stage{k}",
+                init,
+            )
+            model, training[f"{label} {name}"], datasets = an.fit(cfg, datasets)
+            init = str(folder / f"stage{k}" / "checkpoints" / "last.pt")
+        assert isinstance(model, DLIR) and datasets[0].grid.allclose(grid)
+        models[label] = model
 
     fixed_lab = read_labels(an.DATA / "labels/S01.nii.gz")
     labels = [v for v in torch.unique(fixed_lab.data).tolist() if v != 0]
@@ -185,9 +207,10 @@ def main(argv=None) -> None:
         record("identity", ident, None, 0.0, moved, lab)
         for preset in ("affine", "default"):
             world, det, s = classical_transform(preset, f, m, grid)
-            record(f"classical {preset} (4 mm)", world, det, s, moved, lab)
-        for name, (world, det, s) in dlir_transforms(model, f, m, grid).items():
-            record(name, world, det, s, moved, lab)
+            record(f"classical {preset} ({a.spacing:g} mm)", world, det, s, moved, lab)
+        for label, model in models.items():
+            for name, (world, det, s) in dlir_transforms(model, f, m, grid, label).items():
+                record(name, world, det, s, moved, lab)
         log.info(
             "pair %d/%d (%s): %s",
             i + 1,
@@ -199,6 +222,7 @@ def main(argv=None) -> None:
     summary = {
         k: {
             "dice": float(np.mean(v["dice"])),
+            "dice_ci95": list(bootstrap_ci(v["dice"])[1:]),
             "dice_sd": float(np.std(v["dice"])),
             "dice_per_pair": [round(x, 4) for x in v["dice"]],
             "seconds": float(np.mean(v["seconds"])),
@@ -222,11 +246,14 @@ def main(argv=None) -> None:
     print(f"perturbations, {a.spacing:g} mm network grid {grid.shape}, Dice at 1 mm")
     for k, v in training.items():
         print(f"training DLIR {k}: {v['steps']} steps × {a.batch} pairs, {v['seconds']:.0f} s")
-    print("\n| method | Dice (56 labels) | % det J ≤ 0 | s / pair |")
+    print(
+        "\n| method (no labels in training) | Dice (56 labels) [95 % CI] | % det J ≤ 0 | s / pair |"
+    )
     print("|---|---|---|---|")
     for k, v in summary.items():
         fold = "–" if v["folding_percent"] is None else f"{v['folding_percent']:.3f}"
-        print(f"| {k} | {v['dice']:.3f} ± {v['dice_sd']:.3f} | {fold} | {v['seconds']:.2f} |")
+        lo, hi = v["dice_ci95"]
+        print(f"| {k} | {v['dice']:.3f} [{lo:.3f}, {hi:.3f}] | {fold} | {v['seconds']:.2f} |")
     print(f"\nwrote {a.output}")
 
 
