@@ -39,6 +39,7 @@ from learnreg.zoo.models import (
     available_models,
     load_model,
     model_summary,
+    untrained_model,
 )
 from learnreg.zoo.predict import predict
 
@@ -404,6 +405,10 @@ def choose_model(
         model = load_model(name)
         if key in (name.lower(), model.method.name):
             return model, _using(model, fixed, moving, forced=True)
+    untrained = untrained_model(key, fixed)
+    if untrained is not None:  # a method without learned weights needs no checkpoint
+        untrained.check_pair(fixed, moving)
+        return untrained, f"using {model_summary(untrained)}"
     raise InputError(
         f"method {method!r}: no pretrained model of that name or method (shipped: "
         f"{', '.join(shipped) or 'none'}); use 'classical', or train one with "

@@ -49,6 +49,11 @@ def run_training(
         if isinstance(e, InputError):
             raise
         raise InputError(f"{config_path}: method {cfg.method!r}: {e}") from None
+    if not method.learned:
+        raise InputError(
+            f"{config_path}: method {method.name!r} has no learned weights, there is nothing "
+            f"to train; register with `learnreg register FIXED MOVING --method {method.name}`"
+        )
     train_set, val_set = build_datasets(cfg, method)
     try:
         trainer = Trainer(cfg, method, train_set, val_set)

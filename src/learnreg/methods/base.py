@@ -191,6 +191,11 @@ class RegistrationMethod(nn.Module):
         """Grid sizes must be multiples of this (``2**levels`` for a U-Net)."""
         return 1
 
+    learned: ClassVar[bool] = True
+    """False for a method without trained weights (e.g. DeepFlow's matching and variational
+    flow): ``learnreg register --method NAME`` runs it without a checkpoint and ``learnreg
+    train`` refuses it."""
+
     init_methods: ClassVar[tuple[str, ...]] = ()
     """Other methods whose checkpoints may start this one's training (``init:``), e.g. an
     adversarial variant starting from the plain method's first stage; :meth:`initial_state`

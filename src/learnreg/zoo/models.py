@@ -36,6 +36,7 @@ __all__ = [
     "export_model",
     "background_fraction",
     "model_summary",
+    "untrained_model",
 ]
 
 ZOO = Path(__file__).resolve().parent
@@ -222,6 +223,28 @@ def load_model(name_or_path: str | os.PathLike) -> PretrainedModel:
             f"{path}: corrupt preprocessing record in the checkpoint ({_first_line(e)})"
         ) from None
     return PretrainedModel(name, method, preprocessor, prealign, reference, card, path, atlas)
+
+
+def untrained_model(name: str, fixed: Image) -> PretrainedModel | None:
+    """A method without learned weights (:attr:`~learnreg.methods.base.RegistrationMethod.
+    learned` false) as a model for ``fixed``, or None when ``name`` is no such method: its
+    default configuration on the fixed image's own spacing and field of view (RAS), intensities
+    normalized to the 1st–99th percentiles, no pre-alignment."""
+    from learnreg.methods.registry import method_info
+
+    try:
+        info = method_info(name)
+    except ValueError:
+        return None
+    if info.cls.learned:
+        return None
+    method = create_method(info.name).eval()
+    ndim = method.config.get("ndim")
+    if ndim is not None and ndim != fixed.ndim:
+        raise InputError(f"{info.name} registers {ndim}D images; {fixed.name} is {fixed.ndim}D")
+    pre = Preprocessor(NetworkGrid())
+    card = {"title": f"no learned weights; {info.reference}"}
+    return PretrainedModel(info.name, method, pre, None, pre.grid_for(fixed), card)
 
 
 def _preprocessing(pre: dict) -> Preprocessor:
