@@ -35,6 +35,7 @@ _MODULES = (
     "learnreg.data.reference_fields",
     "learnreg.data.lddmm_momenta",
     "learnreg.data.modalities",
+    "learnreg.data.interest_points",
 )
 
 
