@@ -40,6 +40,16 @@ Threads = Annotated[
 Seed = Annotated[int, typer.Option(help="Seed of every random generator used.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 Qc = Annotated[bool, typer.Option("--qc/--no-qc", help="Draw a QC figure of every pair.")]
+Scheduler = Annotated[
+    str | None,
+    typer.Option(
+        help="Run the pairs in parallel on the dask cluster of this scheduler (tcp://HOST:PORT)."
+    ),
+]
+Workers = Annotated[
+    int | None,
+    typer.Option(help="Run the pairs in parallel on a local dask cluster of N worker processes."),
+]
 
 
 def register_command(app: typer.Typer) -> None:
@@ -80,6 +90,8 @@ def register_command(app: typer.Typer) -> None:
         seed: Seed = 0,
         quiet: Quiet = False,
         qc: Qc = True,
+        scheduler: Scheduler = None,
+        workers: Workers = None,
     ) -> None:
         """Evaluate registration methods on pairs: Dice, HD95, TRE, folding, ICE, time.
 
@@ -87,7 +99,7 @@ def register_command(app: typer.Typer) -> None:
         """
         run_evaluate(
             method, output, pairs, atlas, atlas_labels, moving_dir, labels_dir, pattern,
-            resume, isolate, quiet, label_names, threads, seed, qc,
+            resume, isolate, quiet, label_names, threads, seed, qc, scheduler, workers,
         )  # fmt: skip
 
     @app.command()
@@ -146,6 +158,8 @@ def run_evaluate(
     threads: int | None = None,
     seed: int = 0,
     qc: bool = True,
+    scheduler: str | None = None,
+    workers: int | None = None,
 ) -> list[dict]:
     from learnreg.cli.runtime import configure
     from learnreg.data.datasets import atlas_folder_pairs, pairs_from_csv
@@ -168,7 +182,7 @@ def run_evaluate(
         raise InputError("give at least one --method (e.g. classical:default)")
     records = evaluate(
         methods, pairs, output, resume=resume, isolate=isolate, progress=not quiet, qc=qc,
-        label_names=names, threads=threads,
+        label_names=names, threads=threads, scheduler=scheduler, workers=workers,
     )  # fmt: skip
     _print_summary(records, output)
     return records

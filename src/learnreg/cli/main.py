@@ -138,6 +138,84 @@ def _options(
     """Learn and optimize spatial transformations between images, in physical space."""
 
 
+# options that `register` and `register-batch` share
+Preset = Annotated[
+    str, typer.Option(help="Classical preset: default, multimodal, lddmm, affine, rigid.")
+]
+Config = Annotated[
+    Path | None, typer.Option(help="YAML file of a ClassicalConfig (overrides --preset).")
+]
+FixedMask = Annotated[
+    Path | None,
+    typer.Option(
+        help="Mask of the fixed image: the metric counts only voxels inside (as ANTs -x)."
+    ),
+]
+MovingMask = Annotated[
+    Path | None, typer.Option(help="Mask of the moving image (carried along with it).")
+]
+Method = Annotated[
+    str,
+    typer.Option(
+        help="auto (a shipped pretrained model when the images suit it, else classical), "
+        "classical, or a shipped model / method name (see `learnreg methods`)."
+    ),
+]
+Model = Annotated[
+    Path | None,
+    typer.Option(help="A trained model: checkpoint of `learnreg train` or model folder."),
+]
+Refine = Annotated[
+    int, typer.Option(help="Instance-optimization steps that start from the network's prediction.")
+]
+InitialTransform = Annotated[
+    str | None,
+    typer.Option(
+        help="Starting affine: an ITK/ANTs .mat/.txt/.h5 file (fixed → moving), or "
+        "[FILE,1] for its inverse, as antsRegistration's -r."
+    ),
+]
+Init = Annotated[
+    str | None,
+    typer.Option(
+        help="Start: com (centres of mass) or search (also a coarse grid of rotations, as "
+        "antsAI: for headers wrong by a large rotation). Default: the preset's (com)."
+    ),
+]
+OutputFormat = Annotated[
+    list[str],
+    typer.Option(
+        help="Transform files to write: ants (affine.mat + warp.nii.gz, always written), "
+        "h5 (ITK composite transform.h5 + inverse_transform.h5), fsl (FLIRT "
+        "affine_flirt.mat) and lta (FreeSurfer affine.lta; both the affine part only, "
+        "3D, need nitransforms). Repeatable."
+    ),
+]
+Seed = Annotated[int, typer.Option(help="Seed of every random generator used.")]
+Device = Annotated[
+    str,
+    typer.Option(
+        help="Where a network runs: cpu, cuda, cuda:N or auto (a GPU if there is one). "
+        "Classical optimization runs on the CPU."
+    ),
+]
+Qc = Annotated[bool, typer.Option("--qc/--no-qc", help="Draw qc.png (about 5 s for a 1 mm brain).")]
+Jacobian = Annotated[
+    bool,
+    typer.Option(
+        "--jacobian",
+        help="Write the Jacobian determinant map (its statistics are always in metrics.json).",
+    ),
+]
+WarpGrid = Annotated[
+    str,
+    typer.Option(
+        help="Grid of the warp files: native (the grid the field was computed on: exact, "
+        "small; ITK/ANTs interpolate it) or fixed (the fixed image's grid, as ANTs writes)."
+    ),
+]
+
+
 @app.command()
 def register(
     fixed: Annotated[Path, typer.Argument(metavar="FIXED", help="Fixed (reference) image.")],
@@ -145,93 +223,30 @@ def register(
         Path, typer.Argument(metavar="MOVING", help="Moving image, warped onto the fixed grid.")
     ],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")],
-    preset: Annotated[
-        str, typer.Option(help="Classical preset: default, multimodal, lddmm, affine, rigid.")
-    ] = "default",
-    config: Annotated[
-        Path | None, typer.Option(help="YAML file of a ClassicalConfig (overrides --preset).")
-    ] = None,
+    preset: Preset = "default",
+    config: Config = None,
     fixed_labels: Annotated[
         Path | None, typer.Option(help="Label map of the fixed image (for Dice in metrics).")
     ] = None,
     moving_labels: Annotated[
         Path | None, typer.Option(help="Label map of the moving image (warped and scored).")
     ] = None,
-    fixed_mask: Annotated[
-        Path | None,
-        typer.Option(
-            help="Mask of the fixed image: the metric counts only voxels inside (as ANTs -x)."
-        ),
-    ] = None,
-    moving_mask: Annotated[
-        Path | None, typer.Option(help="Mask of the moving image (carried along with it).")
-    ] = None,
-    method: Annotated[
-        str,
-        typer.Option(
-            help="auto (a shipped pretrained model when the images suit it, else classical), "
-            "classical, or a shipped model / method name (see `learnreg methods`)."
-        ),
-    ] = "auto",
-    model: Annotated[
-        Path | None,
-        typer.Option(help="A trained model: checkpoint of `learnreg train` or model folder."),
-    ] = None,
-    refine: Annotated[
-        int,
-        typer.Option(help="Instance-optimization steps that start from the network's prediction."),
-    ] = 0,
-    initial_transform: Annotated[
-        str | None,
-        typer.Option(
-            help="Starting affine: an ITK/ANTs .mat/.txt/.h5 file (fixed → moving), or "
-            "[FILE,1] for its inverse, as antsRegistration's -r."
-        ),
-    ] = None,
-    init: Annotated[
-        str | None,
-        typer.Option(
-            help="Start: com (centres of mass) or search (also a coarse grid of rotations, as "
-            "antsAI: for headers wrong by a large rotation). Default: the preset's (com)."
-        ),
-    ] = None,
-    output_format: Annotated[
-        list[str],
-        typer.Option(
-            help="Transform files to write: ants (affine.mat + warp.nii.gz, always written), "
-            "h5 (ITK composite transform.h5 + inverse_transform.h5), fsl (FLIRT "
-            "affine_flirt.mat) and lta (FreeSurfer affine.lta; both the affine part only, "
-            "3D, need nitransforms). Repeatable."
-        ),
-    ] = ["ants"],  # noqa: B006 - typer reads the default, nothing mutates it
+    fixed_mask: FixedMask = None,
+    moving_mask: MovingMask = None,
+    method: Method = "auto",
+    model: Model = None,
+    refine: Refine = 0,
+    initial_transform: InitialTransform = None,
+    init: Init = None,
+    output_format: OutputFormat = ["ants"],  # noqa: B006 - typer reads the default, nothing mutates it
     threads: Annotated[
         int | None, typer.Option(help="CPU threads (default: torch's choice).")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of every random generator used.")] = 0,
-    device: Annotated[
-        str,
-        typer.Option(
-            help="Where a network runs: cpu, cuda, cuda:N or auto (a GPU if there is one). "
-            "Classical optimization runs on the CPU."
-        ),
-    ] = "cpu",
-    qc: Annotated[
-        bool, typer.Option("--qc/--no-qc", help="Draw qc.png (about 5 s for a 1 mm brain).")
-    ] = False,
-    jacobian: Annotated[
-        bool,
-        typer.Option(
-            "--jacobian",
-            help="Write the Jacobian determinant map (its statistics are always in metrics.json).",
-        ),
-    ] = False,
-    warp_grid: Annotated[
-        str,
-        typer.Option(
-            help="Grid of the warp files: native (the grid the field was computed on: exact, "
-            "small; ITK/ANTs interpolate it) or fixed (the fixed image's grid, as ANTs writes)."
-        ),
-    ] = "native",
+    seed: Seed = 0,
+    device: Device = "cpu",
+    qc: Qc = False,
+    jacobian: Jacobian = False,
+    warp_grid: WarpGrid = "native",
     overwrite: Annotated[
         bool,
         typer.Option(
@@ -282,6 +297,104 @@ def register(
         device=device,
         overwrite=overwrite,
     )
+
+
+@app.command("register-batch")
+def register_batch(
+    pairs: Annotated[
+        Path,
+        typer.Argument(
+            metavar="PAIRS.csv",
+            help="CSV with columns fixed,moving[,fixed_labels,moving_labels][,id]; paths "
+            "relative to the CSV; id (default <moving>_to_<fixed>) names the pair's folder.",
+        ),
+    ],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Output folder: one subfolder per pair.")
+    ],
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            help="Address of a running dask scheduler (tcp://HOST:PORT). Default: a local "
+            "cluster on this machine."
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Workers of the local cluster (default: one per core, at most one per pair)."
+        ),
+    ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="CPU threads of each registration (default: the cores shared out among "
+            "the workers)."
+        ),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume/--no-resume",
+            help="Skip pairs whose folder is finished, from the same inputs and options.",
+        ),
+    ] = True,
+    preset: Preset = "default",
+    config: Config = None,
+    fixed_mask: FixedMask = None,
+    moving_mask: MovingMask = None,
+    method: Method = "auto",
+    model: Model = None,
+    refine: Refine = 0,
+    initial_transform: InitialTransform = None,
+    init: Init = None,
+    output_format: OutputFormat = ["ants"],  # noqa: B006 - typer reads the default, nothing mutates it
+    seed: Seed = 0,
+    device: Device = "cpu",
+    qc: Qc = False,
+    jacobian: Jacobian = False,
+    warp_grid: WarpGrid = "native",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Register every pair of PAIRS.csv in parallel (dask.distributed) into OUT/<id>/, as
+    `learnreg register` would one by one.
+
+    A rerun skips finished pairs; a failing pair is listed in OUT/failures.csv without
+    stopping the others (exit code 1).
+    """
+    from learnreg.cli.register import RegisterOptions
+    from learnreg.cli.register_batch import report_batch, run_register_batch
+
+    options = RegisterOptions(
+        preset=preset,
+        config=config,
+        method=method,
+        model=model,
+        refine=refine,
+        initial=initial_transform,
+        init=init,
+        fixed_mask=fixed_mask,
+        moving_mask=moving_mask,
+        formats=tuple(output_format),
+        seed=seed,
+        qc=qc,
+        jacobian=jacobian,
+        warp_grid=warp_grid,
+        device=device,
+    )
+    summary = run_register_batch(
+        pairs,
+        output,
+        options,
+        scheduler=scheduler,
+        workers=workers,
+        threads=threads,
+        resume=resume,
+        quiet=quiet,
+    )
+    report_batch(summary)
+    if summary.failed:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -262,8 +262,9 @@ def pairs_from_csv(path: PathLike, must_exist: bool = False) -> list[Pair]:
     relative paths are relative to the CSV.
 
     Empty cells mean "not given"; labels and landmarks come in pairs (both sides or neither).
-    Names default to ``<moving>_to_<fixed>`` and must be unique. ``must_exist``: every file
-    named must exist (else an error naming the row, the column and the file).
+    The column ``name`` may be called ``id``. Names default to ``<moving>_to_<fixed>`` and
+    must be unique. ``must_exist``: every file named must exist (else an error naming the
+    row, the column and the file).
     """
     path = Path(path)
     if not path.is_file():
@@ -271,6 +272,7 @@ def pairs_from_csv(path: PathLike, must_exist: bool = False) -> list[Pair]:
         raise InputError(f"{path}: CSV of pairs {problem}")
     rows = read_csv_rows(path, _SCHEMA)
     header = [h.strip().lower() for h in rows[0]]
+    header = ["name" if h == "id" else h for h in header]  # ``id``: another word for it
     unknown = [h for h in header if h not in CSV_COLUMNS]
     if unknown:
         raise InputError(

@@ -252,6 +252,8 @@ def evaluate(
     report: bool = True,
     label_names: Mapping[str, str] | None = None,
     threads: int | None = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
 ) -> list[dict]:
     """Evaluate every method on every pair; write records, QC figures and the report.
 
@@ -267,7 +269,12 @@ def evaluate(
         progress: rich progress bar on stderr.
         report: finish with ``learnreg.eval.report.write_report(records, outdir)``.
         label_names: structure names (label code → name) for the report's figures and tables.
-        threads: torch CPU threads of each registration (default: torch's choice).
+        threads: torch CPU threads of each registration (default: torch's choice; on a
+            cluster, the cores shared out among the workers).
+        scheduler, workers: run the (method, pair) registrations in parallel on a
+            ``dask.distributed`` cluster (:mod:`learnreg.runner.cluster`): the scheduler at
+            this address, or, with ``workers``, a local cluster of that many processes
+            (methods then go as spec strings, as with ``isolate``).
 
     Returns the records, method by method in the order given, pairs in order.
     """
@@ -284,8 +291,11 @@ def evaluate(
     mnames = [m.name for m in resolved]
     if len(set(map(slug, mnames))) != len(mnames):
         raise InputError(f"method names must be distinct; got {mnames} (use LABEL=SPEC)")
-    if isolate and not all(isinstance(m, str) for m in methods):
-        raise InputError("isolate=True needs methods given as spec strings")
+    distributed = scheduler is not None or workers is not None
+    if (isolate or distributed) and not all(isinstance(m, str) for m in methods):
+        raise InputError("isolate=True or a cluster needs methods given as spec strings")
+    if isolate and distributed:
+        raise InputError("isolate runs pairs one by one in fresh processes; not with a cluster")
     try:
         outdir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -293,6 +303,13 @@ def evaluate(
 
     records: list[dict] = []
     with _progress(progress, len(resolved) * len(pairs)) as step:
+        if distributed:
+            return _finish(
+                _evaluate_on_cluster(
+                    methods, resolved, pairs, outdir, resume, qc, threads, scheduler, workers, step
+                ),
+                outdir, report, label_names,
+            )  # fmt: skip
         for spec, method in zip(methods, resolved, strict=True):
             for pair in pairs:
                 path = record_path(outdir, method.name, pair)
@@ -307,11 +324,71 @@ def evaluate(
                     _save(path, rec, key)
                 records.append(rec)
                 step(f"{method.name} · {pair.name}", advance=1)
+    return _finish(records, outdir, report, label_names)
+
+
+def _finish(records: list[dict], outdir: Path, report: bool, label_names) -> list[dict]:
     if report:
         from learnreg.eval.report import write_report
 
         write_report(records, outdir, label_names=label_names)
     return records
+
+
+def _evaluate_job(job: tuple[str, dict, str, bool, int | None]) -> dict:
+    """One (method spec, pair) evaluated on a cluster worker."""
+    spec, pair, outdir, qc, threads = job
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    pair = Pair.from_dict(pair)
+    try:
+        method = resolve_method(spec)
+    except InputError as e:
+        rec = empty_record(spec, pair)
+        rec["error"] = str(e)
+        return rec
+    return evaluate_pair(method, pair, outdir, qc)
+
+
+def _evaluate_on_cluster(
+    specs, resolved, pairs, outdir, resume, qc, threads, scheduler, workers, step
+) -> list[dict]:
+    """:func:`evaluate`'s loop, the registrations that are not cached run on a cluster."""
+    from learnreg.runner.cluster import local_layout, run_jobs
+
+    records: dict[tuple[int, int], dict] = {}
+    todo, where = [], []
+    for i, (spec, method) in enumerate(zip(specs, resolved, strict=True)):
+        for j, pair in enumerate(pairs):
+            key = cache_key(method, pair)
+            path = record_path(outdir, method.name, pair)
+            rec = _load_cached(path, method.name, key, outdir, qc) if resume else None
+            if rec is not None:
+                records[i, j] = rec
+                step(f"{method.name} · {pair.name}", advance=1)
+            else:
+                where.append((i, j, path, key))
+                todo.append((spec, pair.to_dict(), str(Path(outdir).absolute()), qc, threads))
+    n_workers, n_threads = (0, threads)
+    if scheduler is None:
+        n_workers, n_threads = local_layout(max(1, len(todo)), workers, threads)
+    todo = [(*job[:4], n_threads) for job in todo]
+
+    def done(k: int, rec: dict | None, error: BaseException | None) -> None:
+        i, j, path, key = where[k]
+        if rec is None:  # the worker died
+            rec = empty_record(resolved[i].name, pairs[j])
+            rec["error"] = f"pair {pairs[j].name}: worker failed ({type(error).__name__}: {error})"
+        rec["method"] = resolved[i].name  # a LABEL= name, as the sequential loop records it
+        _save(path, rec, key)
+        records[i, j] = rec
+        step(f"{resolved[i].name} · {pairs[j].name}", advance=1)
+
+    names = [f"{slug(resolved[i].name)}-{pairs[j].name}" for i, j, *_ in where]
+    run_jobs(_evaluate_job, todo, scheduler=scheduler, workers=n_workers, names=names, done=done)
+    return [records[i, j] for i in range(len(resolved)) for j in range(len(pairs))]
 
 
 class _progress:
