@@ -85,13 +85,15 @@ def train_pehl(steps: int, seed: int) -> MiaoPEHL:
     return m.eval()
 
 
-def intensity(m: MiaoPEHL, xray: torch.Tensor, volume: torch.Tensor, iters: int) -> torch.Tensor:
+def intensity(
+    m: MiaoPEHL, xray: torch.Tensor, volume: torch.Tensor, iters: int, grid: Grid = GRID
+) -> torch.Tensor:
     """Pose parameters ``(1, 6)`` maximizing NCC(X-ray, DRR) by Adam from the identity."""
     scale = torch.tensor([4.0, 4.0, 4.0, 4.0, 4.0, 4.0])
     x = torch.zeros(1, 6, requires_grad=True)
     opt = torch.optim.Adam([x], lr=0.05)
     for _ in range(iters):
-        loss = ncc(xray, m.render(volume, GRID, x * scale))
+        loss = ncc(xray, m.render(volume, grid, x * scale))
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -5,6 +5,7 @@ subjects S35 and S36 never trained on."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 
 from learnreg.core.errors import InputError
 from learnreg.core.grid import Grid
+from learnreg.core.image import Image
 from learnreg.io.images import read_image
 from learnreg.methods.base import RegistrationBatch
 from learnreg.methods.miao import GROUPS, MiaoPEHL, pose_errors, pose_matrix, random_poses
@@ -198,3 +200,155 @@ def test_training_on_drrs_of_known_poses_beats_the_initial_pose(volumes):
     # steps are not enough (seed 0: 13.2 mm)
     assert r["mtre"] < 0.3 * r["mtre0"]
     assert r["rotation"] < 0.5 * r["rotation0"]
+
+
+# ---------------------------------------------------------------------------- command line
+CLI_POSES = torch.tensor(  # known poses of the validation X-rays (mm, mm, mm, °, °, °)
+    [[6.0, -5.0, 12.0, 4.0, -3.0, 3.0], [-7.0, 4.0, -10.0, -3.0, 4.0, -4.0]]
+)
+
+
+def _cli_config(data_root, steps: int, seed: int) -> dict:
+    """`learnreg train` of miao-pehl on DRRs of LPBA40 S11–S16 at 8 mm (the ``drr`` source;
+    one hierarchy pass per step), validated on S35."""
+    geometry = {"samples": 40, "depth": 330.0}
+    return {
+        "method": "miao-pehl",
+        "method_config": {**geometry, "train_iterations": 1},
+        "data": {
+            "spacing": [8, 8, 8],
+            "synthetic": {
+                "kind": "drr",
+                "images": str(data_root / "lpba40" / "images"),
+                "train": [f"S1{i}" for i in range(1, 7)],
+                "val": ["S35"],
+                **geometry,
+                "ranges": list(RANGES),
+                "length": 6 * steps,
+                "val_length": 4,
+                "seed": seed,
+            },
+        },
+        "optimizer": {"lr": 2e-3},
+        "steps": steps,
+        "batch_size": 6,
+        "val_every": steps,
+        "checkpoint_every": steps,
+        "seed": seed,
+    }
+
+
+def _register_known_poses(data_root, checkpoint, folder) -> dict[str, float]:
+    """`learnreg register --model` X-rays of S35 and S36 (validation subjects) rendered at
+    CLI_POSES by the trained model's own projector; checks each written ``affine.mat`` (read
+    by SimpleITK) against the pose the model predicts through the Python API (1e-4), and
+    returns the mean mTRE (mm) of the written poses and of the identity."""
+    import SimpleITK as sitk
+
+    from learnreg.io.images import write_image
+    from learnreg.zoo.models import load_model
+    from learnreg.zoo.projection import predict_pose
+
+    from ._roundtrip import _sitk_ras_matrix, invoke
+
+    model = load_model(checkpoint)
+    err, err0 = [], []
+    for subject in ("S35", "S36"):
+        path = data_root / "lpba40" / "images" / f"{subject}.nii.gz"
+        volume = read_image(path)
+        grid = model.grid_for(volume)
+        v = model.preprocessor.image(volume, grid).batch()
+        pts = grid.index_to_world(grid.index_lattice(5, torch.float64))
+        for k, params in enumerate(CLI_POSES):
+            xray = model.method.render(v, grid, params[None])[0]
+            det = Grid(model.method.geometry.detector, model.method.geometry.pixel_spacing[:2])
+            xray_path = folder / f"{subject}_{k}.nii.gz"
+            write_image(Image(xray, det, "xray"), xray_path)
+            out = folder / f"{subject}_{k}"
+            invoke("register", xray_path, path, "-o", out, "--model", checkpoint, "-q")
+            written = _sitk_ras_matrix(sitk.ReadTransform(str(out / "affine.mat")), 3)
+            predicted = predict_pose(read_image(xray_path), volume, model).pose.homogeneous()[0]
+            assert abs(written - predicted.double().numpy()).max() < 1e-4
+            drr = read_image(out / "drr.nii.gz").data
+            want = model.method.render(
+                v,
+                grid,
+                torch.tensor(
+                    [json.loads((out / "result.json").read_text())["info"]["pose_parameters"]]
+                ),
+            )[0]
+            torch.testing.assert_close(drr, want, atol=1e-3, rtol=1e-4)
+            true = model.method.pose(params[None].double(), grid)
+            e = pose_errors(torch.from_numpy(written)[None], true, pts)["mtre"]
+            e0 = pose_errors(torch.eye(4, dtype=torch.float64)[None], true, pts)["mtre"]
+            err.append(float(e[0]))
+            err0.append(float(e0[0]))
+    return {"mtre": sum(err) / len(err), "mtre0": sum(err0) / len(err0)}
+
+
+def test_cli_train_then_register_an_xray_writes_the_predicted_pose(data_root, tmp_path):
+    """`learnreg train` (the ``drr`` source, 4 steps) then `learnreg register XRAY.nii.gz
+    VOLUME.nii.gz --model`: the written affine.mat, read by SimpleITK, is the pose the model
+    predicts, and the written DRR is the projection at it."""
+    from ._roundtrip import train
+
+    r = _register_known_poses(
+        data_root, train(_cli_config(data_root, 4, 0), tmp_path / "t"), tmp_path
+    )
+    assert r["mtre0"] > 10.0  # the known poses are far from the identity
+    assert abs(r["mtre"] - r["mtre0"]) > 1e-3  # 4 steps moved the pose off the identity
+
+
+def test_cli_refuses_mismatched_pairs_with_clear_errors(data_root, tmp_path):
+    """A 2D/3D pair without a projection model gets the usual dimensionality error; with the
+    miao-pehl checkpoint, a swapped pair (volume as fixed) or options that do not apply are
+    named."""
+    from typer.testing import CliRunner
+
+    from learnreg.cli.main import app
+    from learnreg.io.images import write_image
+
+    from ._roundtrip import train
+
+    ckpt = train(_cli_config(data_root, 1, 0), tmp_path / "t")
+    xray = write_image(
+        Image(torch.rand(1, 32, 32), Grid((32, 32), (8.0, 8.0)), "x"), tmp_path / "x.nii.gz"
+    )
+    volume = data_root / "lpba40" / "images" / "S35.nii.gz"
+
+    def fails(*args) -> str:
+        r = CliRunner().invoke(app, ["register", *map(str, args)])
+        assert r.exit_code != 0 and isinstance(r.exception, InputError), r.output
+        return str(r.exception)
+
+    assert "same dimensionality" in fails(
+        xray, volume, "-o", tmp_path / "a", "--method", "classical"
+    )
+    assert "fixed X-ray must be 2D" in fails(volume, xray, "-o", tmp_path / "b", "--model", ckpt)
+    assert "takes no refine" in fails(
+        xray, volume, "-o", tmp_path / "c", "--model", ckpt, "--refine", "3"
+    )
+
+
+def cli_pose_error(data_root, folder, seed: int, steps: int = 400) -> dict[str, float]:
+    """Mean mTRE (mm) of the CLI-registered validation X-rays after `learnreg train` of
+    ``steps`` steps with ``seed`` (weights and data), and of the identity."""
+    from ._roundtrip import train
+
+    return _register_known_poses(
+        data_root, train(_cli_config(data_root, steps, seed), folder / "t"), folder
+    )
+
+
+@pytest.mark.slow
+def test_cli_trained_model_registers_validation_xrays_far_better_than_the_identity(
+    data_root, tmp_path
+):
+    """400 steps of `learnreg train` on DRRs of S11–S16 at 8 mm; the poses `learnreg register`
+    writes for X-rays of S35/S36 (validation subjects, never trained on) at known poses are far
+    closer to the truth than the identity (what the untrained model returns)."""
+    r = cli_pose_error(data_root, tmp_path, 0)
+    print(f"mTRE identity {r['mtre0']:.2f} -> registered {r['mtre']:.2f} mm")
+    # measured (1 thread; seeds 0 / 1 / 2 of weights and data, ~50 s each): mTRE 17.38 ->
+    # 1.76 / 2.22 / 2.90 mm (ratio <= 0.17); 150 steps are not enough (seed 0: 9.99 mm)
+    assert r["mtre"] < 0.4 * r["mtre0"]

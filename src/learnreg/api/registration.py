@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from learnreg.api.outputs import write_outputs
+from learnreg.api.projection import ProjectionPlan, ProjectionRegistration
 from learnreg.core.device import resolve_device
 from learnreg.core.errors import InputError
 from learnreg.core.image import Image
@@ -42,6 +43,7 @@ from learnreg.zoo.models import (
     untrained_model,
 )
 from learnreg.zoo.predict import predict
+from learnreg.zoo.projection import check_projection_pair
 
 __all__ = [
     "Registration",
@@ -268,7 +270,7 @@ def register(
     progress: Progress | None = None,
     verbose: bool = False,
     **options: Any,
-) -> Registration:
+) -> Registration | ProjectionRegistration:
     """Register ``moving`` to ``fixed``, as ``learnreg register`` does:
     ``plan_registration(fixed, moving, method, **options).run(progress)``.
 
@@ -300,9 +302,12 @@ def plan_registration(
     fixed_labels: ImageLike | None = None,
     moving_labels: ImageLike | None = None,
     device: str = "cpu",
-) -> RegistrationPlan:
+) -> RegistrationPlan | ProjectionPlan:
     """Read and check everything a registration is given and choose its path, without
-    registering (:func:`register` runs the plan).
+    registering (:func:`register` runs the plan). A 2D fixed X-ray and a 3D moving volume
+    with the checkpoint of a 2D/3D (projection) method make a :class:`~learnreg.api.
+    projection.ProjectionPlan` (:mod:`learnreg.api.projection`); any other pair of two
+    dimensionalities is refused.
 
     Args:
         fixed, moving: paths, nibabel / SimpleITK / ANTsPy images, or ``(array, affine)``.
@@ -338,10 +343,31 @@ def plan_registration(
             raise InputError(f"{lab.name}: label map grid differs from its image {img.name}")
     fmask = None if fixed_mask is None else as_image(fixed_mask, labels=True)
     mmask = None if moving_mask is None else as_image(moving_mask, labels=True)
+    model_path = Path(method) if _is_path(method) else None
+    if f.ndim != m.ndim and model_path is not None:
+        model = load_model(model_path)
+        if model.method.projection:  # a 2D/3D method: X-ray (fixed) and volume (moving)
+            asked = {
+                "refine": refine,
+                "initial": initial,
+                "init": init,
+                "fixed_mask": fixed_mask,
+                "moving_mask": moving_mask,
+                "fixed_labels": fixed_labels,
+                "moving_labels": moving_labels,
+            }
+            extra = [k for k, v in asked.items() if v]
+            if extra:
+                raise InputError(
+                    f"{model_path}: a 2D/3D registration by {model.method.name} takes no "
+                    f"{', '.join(extra)}"
+                )
+            check_projection_pair(f, m, model)
+            why = f"using pretrained 2D/3D model {model_summary(model)}"
+            return ProjectionPlan(f, m, model, why, dev)
     MetricMasks(f, m, fmask, mmask)  # checks them now, before any work
     check_pair(f, m)
     start = None if initial is None else as_initial(initial, f.ndim)
-    model_path = Path(method) if _is_path(method) else None
     classical_asked = config is not None or preset != "default"
     model, why = choose_model(f, m, str(method), model_path, classical_asked)
     if refine and model is None:

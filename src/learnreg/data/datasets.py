@@ -498,9 +498,10 @@ class PairDataset(Dataset):
         return item
 
 
-def collate_pairs(items: Sequence[dict], grid: Grid | None = None):
+def collate_pairs(items: Sequence[dict], grid: Grid | None = None, projection: bool = False):
     """Stack dataset items into a ``RegistrationBatch`` on the network grid ``grid`` (labels
-    and ``target`` only if every item has them)."""
+    and ``target`` only if every item has them). ``projection``: the fixed images are X-rays
+    of the moving volumes (2D/3D methods), so the moving images are the ones on ``grid``."""
     from learnreg.methods.base import RegistrationBatch
 
     if not items:
@@ -508,9 +509,9 @@ def collate_pairs(items: Sequence[dict], grid: Grid | None = None):
     stack = {k: torch.stack([it[k] for it in items]) for k in ("fixed", "moving")}
     for k in ("fixed_labels", "moving_labels", "target"):
         stack[k] = torch.stack([it[k] for it in items]) if all(k in it for it in items) else None
-    if grid is not None and tuple(stack["fixed"].shape[2:]) != grid.shape:
+    on_grid = stack["moving" if projection else "fixed"]
+    if grid is not None and tuple(on_grid.shape[2:]) != grid.shape:
         raise ValueError(
-            f"collate_pairs: images {tuple(stack['fixed'].shape[2:])} are not on the grid "
-            f"{grid.shape}"
+            f"collate_pairs: images {tuple(on_grid.shape[2:])} are not on the grid {grid.shape}"
         )
     return RegistrationBatch(**stack, grid=grid)

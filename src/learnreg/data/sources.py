@@ -36,6 +36,7 @@ _MODULES = (
     "learnreg.data.lddmm_momenta",
     "learnreg.data.modalities",
     "learnreg.data.interest_points",
+    "learnreg.data.drr_pairs",
 )
 
 

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from learnreg.core.grid import Grid
 from learnreg.spatial.base import SpatialTransform
+from learnreg.spatial.projection import ProjectionGeometry
 from learnreg.spatial.sampling import warp
 
 __all__ = ["RegistrationBatch", "MethodOutput", "RegistrationMethod", "unit_grid"]
@@ -195,6 +196,17 @@ class RegistrationMethod(nn.Module):
     """False for a method without trained weights (e.g. DeepFlow's matching and variational
     flow): ``learnreg register --method NAME`` runs it without a checkpoint and ``learnreg
     train`` refuses it."""
+
+    projection: ClassVar[bool] = False
+    """True for a 2D/3D method: ``fixed`` is an X-ray ``(N, 1, *detector)``, a projection of
+    the ``moving`` volume (on the grid) by :meth:`projection_geometry`, and the transform is the
+    volume's 3D pose (imaging-system world → volume world). Its training data pair X-rays with
+    volumes (``data.synthetic: {kind: drr}``) and ``learnreg register`` takes a 2D fixed
+    image with a 3D moving one."""
+
+    def projection_geometry(self, grid: Grid) -> ProjectionGeometry:
+        """The imaging system of a :attr:`projection` method for volumes on ``grid``."""
+        raise NotImplementedError(f"{self.name or type(self).__name__} is not a 2D/3D method")
 
     init_methods: ClassVar[tuple[str, ...]] = ()
     """Other methods whose checkpoints may start this one's training (``init:``), e.g. an

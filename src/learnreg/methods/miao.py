@@ -35,7 +35,9 @@ transform is the rigid pose ``T`` (system world → volume world, "fixed → mov
 frame, and ``extras["drr"]`` the DRR at the final pose, which should match ``fixed``. The
 start pose is the identity (the volume as placed in the system). The two images have
 different dimensionality, so :class:`RegistrationBatch` carries them as they are; the batch's
-``grid`` is the volume's.
+``grid`` is the volume's. Command line: ``learnreg train`` with ``data.synthetic: {kind: drr}``
+(:mod:`learnreg.data.drr_pairs`) and ``learnreg register XRAY_2D VOLUME_3D --model CKPT``
+(:mod:`learnreg.zoo.projection`, :mod:`learnreg.api.projection`).
 
 Faithful: the parameterization and grouping, LIR on projected 3D points, zone-wise
 regressors, the hierarchical and iterative application, per-patch CNN with concatenated
@@ -68,7 +70,7 @@ from learnreg.methods.registry import register_method
 from learnreg.nn.regression import RegressionHead, VGGEncoder
 from learnreg.spatial.affine import AffineTransform
 from learnreg.spatial.linear import rotation_matrix
-from learnreg.spatial.projection import ProjectionGeometry, drr, project_points
+from learnreg.spatial.projection import ProjectionGeometry, covering_depth, drr, project_points
 from learnreg.spatial.sampling import sample
 
 __all__ = [
@@ -294,12 +296,17 @@ class MiaoPEHL(RegistrationMethod):
             for _ in range(zones[0] * zones[1])
         )
 
+    projection = True
+
     # -- geometry
     def geometry_for(self, grid: Grid) -> ProjectionGeometry:
         """The method's geometry with the integrated depth resolved for ``grid``."""
         if self.depth is not None:
             return self.geometry
-        return dataclasses.replace(self.geometry, depth=float(math.hypot(*grid.extent)) + 1.0)
+        return dataclasses.replace(self.geometry, depth=covering_depth(grid))
+
+    def projection_geometry(self, grid: Grid) -> ProjectionGeometry:
+        return self.geometry_for(grid)
 
     def pose(self, params: Tensor, grid: Grid) -> Tensor:
         """Pose matrices ``(N, 4, 4)`` of ``params`` about the centre of ``grid``."""

@@ -29,7 +29,7 @@ from torch import Tensor
 from learnreg.core.grid import Grid, apply_matrix
 from learnreg.spatial.sampling import sample
 
-__all__ = ["ProjectionGeometry", "drr", "project_points"]
+__all__ = ["ProjectionGeometry", "covering_depth", "drr", "project_points"]
 
 
 @dataclass(frozen=True)
@@ -163,6 +163,11 @@ class ProjectionGeometry:
             [(n - 1) / 2 for n in self.detector], dtype=points.dtype, device=points.device
         )
         return lateral / sp + centre
+
+
+def covering_depth(grid: Grid) -> float:
+    """Integrated ray length (mm) that covers ``grid`` in any pose: its diagonal + 1 mm."""
+    return float(math.hypot(*grid.extent)) + 1.0
 
 
 def _check_pose(pose: Tensor | None, n: int, d: int, like: Tensor) -> Tensor:

@@ -269,6 +269,7 @@ class Trainer:
                 f"first image, {self.train_data.pairs[0].fixed}, is on a {grid.ndim}D grid): "
                 f"set method_config.ndim to {grid.ndim}, or train on {ndim}D images"
             )
+        self._check_projection(grid)
         need = self.method.input_shape
         if need is not None and tuple(grid.shape) != tuple(need):
             raise InputError(
@@ -281,6 +282,31 @@ class Trainer:
                 f"{self.method_name} needs grid sizes divisible by {k}; the data is on "
                 f"{grid.shape} (raise data.levels or set data.shape)"
             )
+
+    def _check_projection(self, grid) -> None:
+        """X-ray/volume data (``projection`` datasets) for 2D/3D methods only, rendered with
+        the method's imaging system, without image augmentation."""
+        data = bool(getattr(self.train_data, "projection", False))
+        if data != self.method.projection:
+            raise InputError(
+                f"{self.method_name} registers X-rays to volumes: train it on data.synthetic: "
+                "{kind: drr, ...}"
+                if self.method.projection
+                else f"{self.method_name} registers images of one dimensionality; the data "
+                "pair X-rays with volumes (kind drr is for 2D/3D methods)"
+            )
+        if not data:
+            return
+        want = self.method.projection_geometry(grid)
+        if self.train_data.geometry != want:
+            raise InputError(
+                f"the X-rays of data.synthetic are rendered with {self.train_data.geometry}, "
+                f"but {self.method_name} images with {want}: give data.synthetic the imaging "
+                "system of method_config (detector, pixel_spacing, source_distance, "
+                "detector_distance, beam_axis, samples, depth)"
+            )
+        if self.augmenter is not None:
+            raise InputError("data.augment warps images on one grid: turn it off for kind drr")
 
     def _init_distributed(self) -> None:
         if self.world_size > 1 and not dist.is_initialized():
@@ -344,7 +370,7 @@ class Trainer:
                 (self.config.seed * 1_000_003 + step) * 1009 + self.rank
             )
             items = [self.augmenter(it, g) for it in items]
-        return collate_pairs(items, self.train_data.grid).to(self.device)
+        return collate_pairs(items, self.train_data.grid, self.method.projection).to(self.device)
 
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
@@ -357,7 +383,9 @@ class Trainer:
         sums: dict[str, float] = {}
         count = 0
         for i in range(self.rank, len(self.val_data), self.world_size):
-            batch = collate_pairs([self.val_data[i]], self.val_data.grid).to(self.device)
+            item = self.val_data[i]
+            batch = collate_pairs([item], self.val_data.grid, self.method.projection)
+            batch = batch.to(self.device)
             with torch.autocast(self.device.type, enabled=self.amp):
                 out = self.method.predict(batch.fixed, batch.moving, batch.grid)
             for k, v in self.method.validate(batch, out).items():
