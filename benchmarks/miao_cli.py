@@ -27,7 +27,6 @@ Writes benchmarks/results/miao_cli.json and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -47,11 +46,10 @@ from learnreg.methods.miao import pose_errors, random_poses
 from learnreg.zoo.models import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from miao_2d3d import intensity, summary  # noqa: E402
+from miao_2d3d import intensity, report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "lpba40" / "images"
-OUT = ROOT / "benchmarks" / "results"
 RANGES = (10.0, 10.0, 20.0, 6.0, 6.0, 6.0)
 TRAIN = [f"S{i}" for i in range(11, 21)]
 VAL = [f"S{i}" for i in range(35, 41)]
@@ -162,33 +160,11 @@ def main() -> None:
         "train_seconds": train_s,
         "labels_used_in_training": False,
     }
-    for name, rec in per.items():
-        results[name] = {
-            "mtre_mm": summary(rec["mtre"]),
-            "rotation_deg": summary(rec["rotation"]),
-            "success_rate": summary([float(v < 2.0) for v in rec["mtre"]]),
-            "seconds_per_registration": summary(rec["seconds"]),
-            "per_pair_mtre_mm": rec["mtre"],
-        }
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "miao_cli.json").write_text(json.dumps(results, indent=2))
-
-    def cell(d: dict, fmt: str = "{:.2f}") -> str:
-        lo, hi = d["ci95"]
-        return f"{fmt.format(d['mean'])} [{fmt.format(lo)}, {fmt.format(hi)}]"
-
-    print(
-        f"\n{args.pairs} X-rays of S35–S40 (validation subjects), {args.steps} training steps "
-        f"({train_s:.0f} s); no labels used in training or registration\n"
+    title = (
+        f"{args.pairs} X-rays of S35–S40 (validation subjects), {args.steps} training steps "
+        f"({train_s:.0f} s); no labels used in training or registration"
     )
-    print("| method | mTRE mm | rotation ° | success (mTRE < 2 mm) | s / registration |")
-    print("|---|---|---|---|---|")
-    for name in per:
-        r = results[name]
-        print(
-            f"| {name} | {cell(r['mtre_mm'])} | {cell(r['rotation_deg'])} | "
-            f"{cell(r['success_rate'])} | {cell(r['seconds_per_registration'], '{:.3f}')} |"
-        )
+    report(per, results, "miao_cli.json", title)
 
 
 if __name__ == "__main__":
